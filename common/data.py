@@ -1,0 +1,820 @@
+"""Datasets for every script: the built-in synthetic dataset, COCO / VOC / ImageFolder loaders,
+export to those formats, box-aware `transforms.v2` pipelines, samplers and subset helpers.
+
+Conventions (see common/README.md): detection labels are 1..C (0 = background), boxes x1 y1 x2 y2
+in continuous 0-based pixels, annotations held as flat arrays (one table for the whole dataset,
+per-image offsets) so that a DataLoader worker does not copy millions of small Python objects.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+import xml.etree.ElementTree as ET
+import zlib
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from .distributed import get_rank, get_world_size
+
+# --------------------------------------------------------------------------------------------
+# Built-in synthetic dataset
+# --------------------------------------------------------------------------------------------
+# Sorted by name, so a VOC export read back without a class list gets the same label order.
+SHAPES = ("circle", "crescent", "cross", "hexagon", "ring", "square", "star", "triangle")
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+_MODES = ("scenes", "object", "unlabeled")
+
+
+def _regular_polygon(n: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
+    t = phase + 2 * math.pi * np.arange(n) / n
+    return radius * np.stack([np.cos(t), np.sin(t)], 1)
+
+
+def _shape_parts(name: str) -> list[tuple[np.ndarray, int]]:
+    """A shape as polygons in [-1, 1]^2, each drawn with fill 1 (add) or 0 (cut out)."""
+    if name == "circle":
+        return [(_regular_polygon(48), 1)]
+    if name == "ring":
+        return [(_regular_polygon(48), 1), (_regular_polygon(48, 0.55), 0)]
+    if name == "crescent":
+        return [(_regular_polygon(48), 1), (_regular_polygon(48, 0.85) + [0.45, -0.15], 0)]
+    if name == "square":
+        return [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float), 1)]
+    if name == "triangle":
+        return [(np.array([[0, -1], [1, 1], [-1, 1]], float), 1)]
+    if name == "hexagon":
+        return [(_regular_polygon(6, phase=0.0), 1)]
+    if name == "star":
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        return [(_regular_polygon(10) * r[:, None], 1)]
+    if name == "cross":
+        a = 0.34
+        pts = [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a],
+               [-1, a], [-1, -a], [-a, -a]]
+        return [(np.array(pts, float), 1)]
+    raise KeyError(name)
+
+
+_PARTS = {name: _shape_parts(name) for name in SHAPES}
+
+
+def _draw_mask(parts, cx, cy, w, h, angle, size) -> np.ndarray:
+    """Rasterise a shape scaled to (w, h), rotated by `angle`, centred at (cx, cy)."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    c, s = math.cos(angle), math.sin(angle)
+    for poly, fill in parts:
+        x, y = poly[:, 0] * w / 2, poly[:, 1] * h / 2
+        xs, ys = cx + c * x - s * y, cy + s * x + c * y
+        draw.polygon(list(zip(xs.tolist(), ys.tolist())), fill=fill)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size, 3) float texture: solid, stripes, checks or blotches in two colours."""
+    c1, c2 = rng.uniform(0.05, 1.0, 3), rng.uniform(0.05, 1.0, 3)
+    kind = rng.integers(4)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == 0:
+        t = np.zeros((size, size), np.float32)
+    elif kind == 1:
+        a, period = rng.uniform(0, math.pi), rng.uniform(3, 9)
+        t = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi / period) > 0).astype(np.float32)
+    elif kind == 2:
+        p = int(rng.integers(3, 9))
+        t = (((xx // p) + (yy // p)) % 2).astype(np.float32)
+    else:
+        small = rng.random((size // 8 + 1, size // 8 + 1)).astype(np.float32)
+        t = np.kron(small, np.ones((8, 8), np.float32))[:size, :size] > 0.5
+    t = np.asarray(t, np.float32)[..., None]
+    return c1 * (1 - t) + c2 * t
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Clutter: a colour gradient, irregular low-contrast blobs, strokes and pixel noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    a, b = rng.uniform(0.2, 0.8, 3), rng.uniform(0.2, 0.8, 3)
+    img = a * (1 - xx[..., None]) + b * yy[..., None] * 0.5 + 0.25 * (1 - yy[..., None]) * b
+    img = np.clip(img, 0, 1)
+    for _ in range(rng.integers(3, 9)):  # irregular polygons: clutter, never one of the classes
+        n = int(rng.integers(5, 10))
+        t = np.sort(rng.uniform(0, 2 * math.pi, n))
+        r = rng.uniform(0.3, 1.0, n) * rng.uniform(4, size / 4)
+        cx, cy = rng.uniform(0, size, 2)
+        poly = list(zip((cx + r * np.cos(t)).tolist(), (cy + r * np.sin(t)).tolist()))
+        m = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(m).polygon(poly, fill=1)
+        m = np.asarray(m, bool)
+        img[m] = 0.6 * img[m] + 0.4 * rng.uniform(0, 1, 3)
+    strokes = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(strokes)
+    for _ in range(rng.integers(2, 7)):
+        d.line(rng.uniform(0, size, 4).tolist(), fill=1, width=int(rng.integers(1, 3)))
+    s = np.asarray(strokes, bool)
+    img[s] = 0.5 * img[s] + 0.5 * rng.uniform(0, 1, 3)
+    img += rng.normal(0, 0.04, img.shape)
+    return img
+
+
+class SyntheticDetection(Dataset):
+    """Coloured, textured shapes (8 classes told apart by shape) on cluttered backgrounds.
+
+    Every image is a pure function of `(seed, index)`; nothing is stored. Modes:
+    - "scenes": `min_objects..max_objects` objects of varied scale (about 10-50% of the side) and
+      aspect ratio (0.6-1.7), small rotations and some occlusion (a later, smaller object may cover
+      up to about half of an earlier one). Targets: boxes (tight on the visible pixels), labels,
+      masks (visible pixels), difficult (visible fraction < 0.6 or short side < 6 px).
+    - "object": one dominant class per image (1 object, or 2-3 of the same class), large (about
+      30-75% of the side); the target holds only the image-level label `image_label` (0..C-1); the
+      true boxes are kept aside in `annotations(i)`.
+    - "unlabeled": scenes whose target holds only `image_id`; the truth is in `annotations(i)`.
+    `long_tail=r` draws classes with geometrically falling frequency, most / least frequent = r.
+    """
+
+    classes = SHAPES
+
+    def __init__(self, num_images: int, image_size: int = 128, mode: str = "scenes", seed: int = 0,
+                 min_objects: int = 2, max_objects: int = 6, long_tail: float | None = None,
+                 transforms=None):
+        if mode not in _MODES:
+            raise ValueError(f"unknown synthetic mode {mode!r}; choose one of {_MODES}")
+        if num_images < 1 or image_size < 32:
+            raise ValueError("synthetic dataset needs num_images >= 1 and image_size >= 32")
+        self.num_images, self.size, self.mode, self.seed = num_images, image_size, mode, seed
+        self.min_objects, self.max_objects = min_objects, max_objects
+        self.transforms = transforms
+        c = len(SHAPES)
+        p = np.ones(c) if not long_tail else float(long_tail) ** (-np.arange(c) / (c - 1))
+        self.class_probs = p / p.sum()
+        self.image_ids = list(range(1, num_images + 1))
+        self.num_dropped_boxes = 0
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return self.size, self.size
+
+    def _rng(self, i: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _MODES.index(self.mode), i, stream])
+
+    def _layout(self, i: int):
+        """Classes, visible masks (N, S, S) of the image `i`; geometry only, no colours."""
+        rng, size = self._rng(i, 0), self.size
+        if self.mode == "object":
+            cls = int(rng.choice(len(SHAPES), p=self.class_probs))
+            n = 1 if rng.random() < 0.7 else int(rng.integers(2, 4))
+            classes = [cls] * n
+            rel = (0.3, 0.75) if n == 1 else (0.25, 0.45)
+        else:
+            n = int(rng.integers(self.min_objects, self.max_objects + 1))
+            classes = rng.choice(len(SHAPES), size=n, p=self.class_probs).tolist()
+            rel = (0.1, 0.5)
+        sides = np.sort(size * np.exp(rng.uniform(math.log(rel[0]), math.log(rel[1]), n)))[::-1]
+        full, visible, kept = [], [], []
+        for c, side in zip(classes, sides):  # largest first: smaller objects lie on top
+            for _ in range(20):
+                ar = math.exp(rng.uniform(math.log(0.6), math.log(1.7)))
+                w, h = side * math.sqrt(ar), side / math.sqrt(ar)
+                w, h = min(w, size * 0.95), min(h, size * 0.95)
+                cx, cy = rng.uniform(w / 2, size - w / 2), rng.uniform(h / 2, size - h / 2)
+                m = _draw_mask(_PARTS[SHAPES[c]], cx, cy, w, h, rng.uniform(-0.3, 0.3), size)
+                if m.sum() < 12:
+                    continue
+                # keep every earlier object at least half visible
+                if all((v & ~m).sum() >= 0.5 * f.sum() for v, f in zip(visible, full)):
+                    visible = [v & ~m for v in visible]
+                    full.append(m)
+                    visible.append(m.copy())
+                    kept.append(c)
+                    break
+        return kept, visible, full
+
+    def annotations(self, i: int, masks: bool = False) -> dict:
+        """Ground truth of image `i` (any mode) without rendering colours."""
+        return self._annotations(*self._layout(i), masks=masks)
+
+    def _annotations(self, classes, visible, full, masks: bool) -> dict:
+        boxes, difficult = [], []
+        for v, f in zip(visible, full):
+            ys, xs = np.nonzero(v)
+            x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            boxes.append([x1, y1, x2, y2])
+            difficult.append(v.sum() < 0.6 * f.sum() or min(x2 - x1, y2 - y1) < 6)
+        out = {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+               "labels": np.asarray(classes, np.int64) + 1,
+               "difficult": np.asarray(difficult, bool)}
+        if masks:
+            out["masks"] = np.stack(visible) if visible else np.zeros((0, self.size, self.size), bool)
+        return out
+
+    def render(self, i: int) -> tuple[np.ndarray, dict]:
+        """(uint8 image (S, S, 3), annotations with masks)."""
+        layout = self._layout(i)
+        classes, visible, full = layout
+        rng = self._rng(i, 1)
+        img = _background(rng, self.size)
+        for m, v in zip(full, visible):
+            tex = _texture(rng, self.size) * rng.uniform(0.75, 1.1)
+            img[v] = tex[v]
+        img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+        return (img * 255).round().astype(np.uint8), self._annotations(*layout, masks=True)
+
+    def __getitem__(self, i: int):
+        array, ann = self.render(i)
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        target = {"image_id": self.image_ids[i]}
+        if self.mode == "scenes":
+            target.update(_target_tensors(ann, (self.size, self.size)))
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(ann["masks"]).to(torch.uint8))
+        elif self.mode == "object":
+            target["image_label"] = int(ann["labels"][0]) - 1
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def classification(self, transform=None) -> "ClassificationView":
+        """(image, image_label) pairs: the ImageNet-like classification view of an object-mode set."""
+        if self.mode != "object":
+            raise ValueError("classification() needs mode='object' (one dominant class per image)")
+        return ClassificationView(self, transform)
+
+
+class ClassificationView(Dataset):
+    def __init__(self, dataset: SyntheticDetection, transform=None):
+        self.dataset, self.transform, self.classes = dataset, transform, dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        array, ann = self.dataset.render(i)
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(ann["labels"][0]) - 1
+
+
+def _target_tensors(ann: dict, hw: tuple[int, int]) -> dict:
+    t = {"boxes": tv_tensors.BoundingBoxes(torch.as_tensor(ann["boxes"], dtype=torch.float32),
+                                           format="XYXY", canvas_size=hw),
+         "labels": torch.as_tensor(ann["labels"], dtype=torch.int64)}
+    for key in ("difficult", "iscrowd"):
+        if key in ann:
+            t[key] = torch.as_tensor(ann[key], dtype=torch.bool)
+    if "area" in ann:
+        t["area"] = torch.as_tensor(ann["area"], dtype=torch.float32)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Export to the real formats
+# --------------------------------------------------------------------------------------------
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def export_coco(dataset: SyntheticDetection, out_dir, split: str = "train") -> Path:
+    """Write `out_dir/annotations/instances_{split}.json` and `out_dir/{split}/*.png` (with RLE
+    masks). Unlabelled sets get an annotation file with images and categories only."""
+    from pycocotools import mask as mask_utils
+
+    out_dir = Path(out_dir)
+    (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(len(dataset)):
+        array, ann = dataset.render(i)
+        image_id = dataset.image_ids[i]
+        name = f"{image_id:08d}.png"
+        Image.fromarray(array).save(out_dir / split / name)
+        images.append({"id": image_id, "file_name": name, "height": array.shape[0], "width": array.shape[1]})
+        if dataset.mode == "unlabeled":
+            continue
+        for box, label, m in zip(ann["boxes"], ann["labels"], ann["masks"]):
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x1, y1, x2, y2 = box.tolist()
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(label),
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(m.sum()),
+                         "iscrowd": 0, "segmentation": rle})
+    cats = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(dataset.classes)]
+    path = out_dir / "annotations" / f"instances_{split}.json"
+    _write_json_atomic({"images": images, "annotations": anns, "categories": cats}, path)
+    return path
+
+
+def export_voc(dataset: SyntheticDetection, out_dir, split: str = "trainval", year: str = "2007") -> Path:
+    """Write the VOC layout `out_dir/VOC{year}/{Annotations, JPEGImages, ImageSets/Main/{split}.txt}`
+    with 1-based inclusive pixel boxes and difficult flags. Returns the VOC{year} root."""
+    root = Path(out_dir) / f"VOC{year}"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for i in range(len(dataset)):
+        array, ann = dataset.render(i)
+        stem = f"{year}_{dataset.image_ids[i]:06d}"
+        stems.append(stem)
+        Image.fromarray(array).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
+        a = ET.Element("annotation")
+        ET.SubElement(a, "folder").text = f"VOC{year}"
+        ET.SubElement(a, "filename").text = f"{stem}.jpg"
+        size = ET.SubElement(a, "size")
+        for k, v in zip(("width", "height", "depth"), (array.shape[1], array.shape[0], 3)):
+            ET.SubElement(size, k).text = str(v)
+        for box, label, diff in zip(ann["boxes"], ann["labels"], ann["difficult"]):
+            o = ET.SubElement(a, "object")
+            ET.SubElement(o, "name").text = dataset.classes[int(label) - 1]
+            ET.SubElement(o, "pose").text = "Unspecified"
+            ET.SubElement(o, "truncated").text = "0"
+            ET.SubElement(o, "difficult").text = str(int(diff))
+            bb = ET.SubElement(o, "bndbox")
+            x1, y1, x2, y2 = (int(round(v)) for v in box.tolist())
+            for k, v in zip(("xmin", "ymin", "xmax", "ymax"), (x1 + 1, y1 + 1, x2, y2)):
+                ET.SubElement(bb, k).text = str(v)
+        ET.ElementTree(a).write(root / "Annotations" / f"{stem}.xml")
+    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    tmp = split_file.with_name(split_file.name + ".tmp")
+    tmp.write_text("\n".join(stems) + "\n")
+    os.replace(tmp, split_file)
+    return root
+
+
+def export_imagefolder(dataset: SyntheticDetection, out_dir) -> Path:
+    """Write an object-mode set as `out_dir/<class>/<id>.png` (the ImageNet layout)."""
+    if dataset.mode != "object":
+        raise ValueError("export_imagefolder needs mode='object' (an image-level label per image)")
+    out_dir = Path(out_dir)
+    for name in dataset.classes:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    for i in range(len(dataset)):
+        array, ann = dataset.render(i)
+        cls = dataset.classes[int(ann["labels"][0]) - 1]
+        Image.fromarray(array).save(out_dir / cls / f"{dataset.image_ids[i]:08d}.png")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders of the real formats
+# --------------------------------------------------------------------------------------------
+def _load_image(path: Path) -> tv_tensors.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    data = read_file(str(path))
+    if data.numel() == 0:
+        raise ValueError(f"empty image file: {path} (0 bytes); remove it from the annotations or restore it")
+    try:
+        img = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"cannot decode image {path}: {e}") from e
+    return tv_tensors.Image(img)
+
+
+class _FlatDetection(Dataset):
+    """Annotations of every image in flat arrays: boxes (M, 4), labels (M,), flags (M,), and
+    per-image offsets (N + 1,). Subclasses fill them and implement `_path(i)`."""
+
+    classes: tuple
+    transforms = None
+
+    def _finish(self, per_image: list[dict], sizes):
+        counts = [len(a["labels"]) for a in per_image]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        cat = lambda key, dtype, shape: (np.concatenate([np.asarray(a[key], dtype).reshape(shape) for a in per_image])
+                                         if per_image else np.zeros(shape, dtype))
+        self.boxes = cat("boxes", np.float32, (-1, 4))
+        self.labels = cat("labels", np.int64, (-1,))
+        self.difficult = cat("difficult", bool, (-1,))
+        self.iscrowd = cat("iscrowd", bool, (-1,))
+        self.area = cat("area", np.float32, (-1,))
+        self.sizes = np.asarray(sizes, np.int64).reshape(-1, 2)  # (N, 2) h, w
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        h, w = self.sizes[i]
+        return int(h), int(w)
+
+    def annotations(self, i: int) -> dict:
+        s, e = self.offsets[i], self.offsets[i + 1]
+        return {"boxes": self.boxes[s:e], "labels": self.labels[s:e], "difficult": self.difficult[s:e],
+                "iscrowd": self.iscrowd[s:e], "area": self.area[s:e]}
+
+    def __getitem__(self, i: int):
+        image = _load_image(self._path(i))
+        h, w = image.shape[-2:]
+        target = {"image_id": self.image_ids[i], **_target_tensors(self.annotations(i), (h, w))}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def _clean_boxes(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Clip to the image; True where the box keeps a positive width and height."""
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+class CocoDetection(_FlatDetection):
+    """COCO-format detection: `image_dir/` + `ann_file` (instances_*.json). Category ids are mapped
+    to contiguous labels 1..C in sorted id order (`cat_ids[k - 1]` is label k's id)."""
+
+    LAYOUT = "<root>/annotations/instances_<split>.json and the images in <root>/<split>/"
+
+    def __init__(self, image_dir, ann_file, transforms=None):
+        from pycocotools.coco import COCO
+
+        image_dir, ann_file = Path(image_dir), Path(ann_file)
+        if not ann_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file not found: {ann_file}. Expected layout: {self.LAYOUT}")
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder not found: {image_dir}. Expected layout: {self.LAYOUT}")
+        try:
+            with redirect_stdout(StringIO()):
+                coco = COCO(str(ann_file))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"malformed COCO annotation file {ann_file}: {e!r}") from e
+        self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
+        self.cat_ids = sorted(coco.getCatIds())
+        cat_to_label = {c: k + 1 for k, c in enumerate(self.cat_ids)}
+        self.classes = tuple(coco.cats[c]["name"] for c in self.cat_ids)
+        self.image_ids = sorted(coco.getImgIds())
+        self.file_names = [coco.imgs[i]["file_name"] for i in self.image_ids]
+        self.num_dropped_boxes = 0
+        per_image, sizes = [], []
+        for image_id in self.image_ids:
+            info = coco.imgs[image_id]
+            h, w = int(info["height"]), int(info["width"])
+            anns = coco.imgToAnns.get(image_id, [])
+            for a in anns:
+                if not isinstance(a.get("bbox"), (list, tuple)) or len(a["bbox"]) != 4:
+                    raise ValueError(f"malformed annotation id {a.get('id')} in {ann_file}: "
+                                     f"'bbox' must be [x, y, width, height], got {a.get('bbox')!r}")
+                if a.get("category_id") not in cat_to_label:
+                    raise ValueError(f"annotation id {a.get('id')} in {ann_file} has category_id "
+                                     f"{a.get('category_id')!r}, which is not in 'categories'")
+            xywh = np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+            keep = _clean_boxes(boxes, h, w)
+            self.num_dropped_boxes += int((~keep).sum())
+            per_image.append({
+                "boxes": boxes[keep],
+                "labels": np.asarray([cat_to_label[a["category_id"]] for a in anns], np.int64)[keep],
+                "iscrowd": np.asarray([a.get("iscrowd", 0) for a in anns], bool)[keep],
+                "difficult": np.zeros(int(keep.sum()), bool),
+                "area": np.asarray([a.get("area", 0.0) for a in anns], np.float32)[keep]})
+            sizes.append((h, w))
+        if self.num_dropped_boxes:
+            warnings.warn(f"{ann_file}: dropped {self.num_dropped_boxes} degenerate boxes (zero width or "
+                          f"height after clipping to the image)")
+        self._finish(per_image, sizes)
+
+    def _path(self, i: int) -> Path:
+        return self.image_dir / self.file_names[i]
+
+
+class VOCDetection(_FlatDetection):
+    """Pascal VOC XML: one root (`VOCdevkit/VOC2007`) or several (VOC07+12: a list of roots, or a
+    comma-joined string). VOC's 1-based inclusive boxes become continuous 0-based boxes
+    (x1 - 1, y1 - 1, x2, y2), the convention under which the devkit's `+1` IoU is plain IoU."""
+
+    LAYOUT = ("<root>/Annotations/<id>.xml, <root>/JPEGImages/<id>.jpg and "
+              "<root>/ImageSets/Main/<image_set>.txt, with <root> like VOCdevkit/VOC2007")
+
+    def __init__(self, root, image_set: str = "trainval", transforms=None, keep_difficult: bool = True,
+                 classes=None):
+        roots = [Path(r) for r in (root.split(",") if isinstance(root, str) else root)]
+        self.transforms, self.paths, records = transforms, [], []
+        for r in roots:
+            split_file = r / "ImageSets" / "Main" / f"{image_set}.txt"
+            for needed in (r / "Annotations", r / "JPEGImages", split_file):
+                if not needed.exists():
+                    raise FileNotFoundError(f"VOC path not found: {needed}. Expected layout: {self.LAYOUT}")
+            for stem in split_file.read_text().split():
+                xml = r / "Annotations" / f"{stem}.xml"
+                records.append(self._parse(xml))
+                self.paths.append(r / "JPEGImages" / records[-1]["filename"])
+        names = sorted({n for rec in records for n in rec["names"]})
+        if classes is None:
+            classes = VOC_CLASSES if set(names) <= set(VOC_CLASSES) else tuple(names)
+        unknown = set(names) - set(classes)
+        if unknown:
+            raise ValueError(f"VOC annotations under {roots} name classes {sorted(unknown)} not in {classes}")
+        self.classes = tuple(classes)
+        index = {n: k + 1 for k, n in enumerate(self.classes)}
+        self.image_ids = list(range(len(records)))
+        self.num_dropped_boxes = 0
+        per_image, sizes = [], []
+        for rec in records:
+            boxes = rec["boxes"]
+            keep = _clean_boxes(boxes, rec["h"], rec["w"])
+            if not keep_difficult:
+                keep &= ~rec["difficult"]
+            self.num_dropped_boxes += int((~_clean_boxes(boxes.copy(), rec["h"], rec["w"])).sum())
+            per_image.append({"boxes": boxes[keep],
+                              "labels": np.asarray([index[n] for n in rec["names"]], np.int64)[keep],
+                              "difficult": rec["difficult"][keep], "iscrowd": np.zeros(int(keep.sum()), bool),
+                              "area": ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[keep]})
+            sizes.append((rec["h"], rec["w"]))
+        if self.num_dropped_boxes:
+            warnings.warn(f"VOC {roots}: dropped {self.num_dropped_boxes} degenerate boxes")
+        self._finish(per_image, sizes)
+
+    @staticmethod
+    def _parse(xml: Path) -> dict:
+        if not xml.is_file():
+            raise FileNotFoundError(f"VOC annotation not found: {xml} (listed in ImageSets/Main)")
+        try:
+            root = ET.parse(xml).getroot()
+            size = root.find("size")
+            w, h = int(size.find("width").text), int(size.find("height").text)
+            names, boxes, difficult = [], [], []
+            for obj in root.iter("object"):
+                bb = obj.find("bndbox")
+                x1, y1, x2, y2 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+                names.append(obj.find("name").text.strip())
+                boxes.append([x1 - 1, y1 - 1, x2, y2])
+                d = obj.find("difficult")
+                difficult.append(d is not None and int(d.text) == 1)
+            filename = root.find("filename").text.strip() if root.find("filename") is not None else f"{xml.stem}.jpg"
+        except (ET.ParseError, AttributeError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed VOC annotation {xml}: {e!r}; expected <size><width/><height/></size> "
+                             f"and <object><name/><difficult/><bndbox><xmin/><ymin/><xmax/><ymax/></bndbox></object>") from e
+        return {"names": names, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+                "difficult": np.asarray(difficult, bool), "h": h, "w": w, "filename": filename}
+
+    def _path(self, i: int) -> Path:
+        return self.paths[i]
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet layout: `root/<class>/<image>`; items are (image, label 0..C-1)."""
+
+    def __init__(self, root, transform=None):
+        from torchvision.datasets import ImageFolder
+
+        root = Path(root)
+        layout = "<root>/<class name>/<image>.jpg (one folder per class, as ImageNet's train/ and val/)"
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageFolder root not found: {root}. Expected layout: {layout}")
+        try:
+            self.folder = ImageFolder(str(root), loader=lambda p: _load_image(Path(p)))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise FileNotFoundError(f"no class folders with images under {root}: {e}. Expected layout: {layout}") from e
+        self.transform, self.classes = transform, tuple(self.folder.classes)
+        self.targets = np.asarray(self.folder.targets, np.int64)
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        image, label = self.folder[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(split.encode())) % 2**31
+
+
+def build_detection_dataset(data: str, split: str, transforms=None, num_images: int = 512,
+                            image_size: int = 128, seed: int = 0, **synthetic_kwargs):
+    """`data`: "synthetic" (a split-specific seed), a COCO root, a VOC root, or comma-joined VOC
+    roots (VOC07+12). `split` names the COCO split (train2017), the VOC image set (trainval)."""
+    if data == "synthetic":
+        return SyntheticDetection(num_images, image_size, seed=_split_seed(seed, split), transforms=transforms,
+                                  **synthetic_kwargs)
+    first = Path(data.split(",")[0])
+    if (first / "annotations").is_dir():
+        return CocoDetection(first / split, first / "annotations" / f"instances_{split}.json", transforms)
+    if (first / "Annotations").is_dir():
+        return VOCDetection(data, split, transforms)
+    raise FileNotFoundError(
+        f"--data {data!r}: not 'synthetic' and no dataset layout found there. Expected a COCO root "
+        f"({CocoDetection.LAYOUT}) or a VOC root ({VOCDetection.LAYOUT}; VOC07+12 as "
+        f"'VOCdevkit/VOC2007,VOCdevkit/VOC2012').")
+
+
+def build_classification_dataset(data: str, split: str, transform=None, num_images: int = 512,
+                                 image_size: int = 128, seed: int = 0, **synthetic_kwargs):
+    """`data`: "synthetic" (object-centric images) or an ImageFolder root with `{root}/{split}/<class>/`."""
+    if data == "synthetic":
+        ds = SyntheticDetection(num_images, image_size, mode="object", seed=_split_seed(seed, split),
+                                **synthetic_kwargs)
+        return ds.classification(transform)
+    return ImageFolderDataset(Path(data) / split, transform)
+
+
+# --------------------------------------------------------------------------------------------
+# Box-aware augmentation (torchvision.transforms.v2)
+# --------------------------------------------------------------------------------------------
+def detection_transforms(train: bool, scales=(800,), max_size: int = 1333, hflip: float = 0.5):
+    """Training: shortest side drawn from `scales` (capped by `max_size`), horizontal flip, float.
+    Evaluation: float only; the detector resizes and maps its boxes back to the original image."""
+    if not train:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+    ops = [v2.RandomShortestSize(list(scales), max_size)]
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(hflip))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1)]
+    return v2.Compose(ops)
+
+
+def classification_transforms(train: bool, size: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """ImageNet-style: random resized crop + flip for training, resize + centre crop for evaluation."""
+    if train:
+        ops = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        ops = [v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)]
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class SeededDataset(Dataset):
+    """Makes an item's random augmentation a function of (seed, epoch, index) alone: the same on
+    any number of workers, and exactly reproduced when a run resumes mid-epoch."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # classes, image_ids, annotations, image_size of the wrapped set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, int(i))) % 2**62)
+            return self.dataset[i]
+
+
+def collate_detection(batch):
+    """(list of images, list of targets): detectors take images of different sizes."""
+    return tuple(zip(*batch))
+
+
+class GroupedBatchSampler(Sampler):
+    """Batches from a DistributedSampler's order in which every image has the same aspect-ratio
+    group (landscape / portrait), so padding to the batch's largest image wastes little. Leftovers
+    form mixed batches at the end; the count of batches is the same on every rank. `set_epoch`
+    reshuffles and can skip the first `start_batch` batches (exact resume mid-epoch)."""
+
+    def __init__(self, sampler: DistributedSampler, group_ids, batch_size: int, drop_last: bool = True):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.group_ids = None if group_ids is None else np.asarray(group_ids)
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def _batches(self):
+        indices = list(self.sampler)
+        if self.group_ids is None:
+            yield from BatchSampler(indices, self.batch_size, self.drop_last)
+            return
+        buckets, leftovers = {}, []
+        for i in indices:
+            b = buckets.setdefault(int(self.group_ids[i]), [])
+            b.append(i)
+            if len(b) == self.batch_size:
+                yield list(b)
+                b.clear()
+        for b in buckets.values():
+            leftovers += b
+        yield from BatchSampler(leftovers, self.batch_size, self.drop_last)
+
+    def __iter__(self):
+        for k, batch in enumerate(self._batches()):
+            if k >= self.start_batch:
+                yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def build_loader(dataset, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
+                 collate_fn=collate_detection, group_by_aspect_ratio: bool = True) -> DataLoader:
+    """A DataLoader over this rank's shard. `batch_size` is per rank. Training: shuffled, seeded
+    augmentation (`SeededDataset`), aspect-ratio groups, full batches only; evaluation: in order,
+    every image once (the DistributedSampler's padding is removed when predictions are gathered)."""
+    world, rank = get_world_size(), get_rank()
+    if train:
+        dataset = SeededDataset(dataset, seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed)
+    if train and len(sampler) < batch_size:
+        raise ValueError(f"the training set has {len(dataset)} images, {len(sampler)} per rank over {world} "
+                         f"rank(s): fewer than the per-rank batch of {batch_size}. Lower --batch-size or add data.")
+    groups = None
+    if train and group_by_aspect_ratio and hasattr(dataset, "image_size"):
+        groups = [int(h > w) for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
+    batch_sampler = GroupedBatchSampler(sampler, groups, batch_size, drop_last=train)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+
+
+def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Reshuffle (and reseed augmentation) for `epoch`, skipping `start_batch` batches."""
+    loader.batch_sampler.set_epoch(epoch, start_batch)
+    if isinstance(loader.dataset, SeededDataset):
+        loader.dataset.set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Subsets saved as image ids (identical on every rank and every rerun)
+# --------------------------------------------------------------------------------------------
+class DetectionSubset(Dataset):
+    """The images `indices` of a detection dataset, keeping its annotation interface."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        self.classes = dataset.classes
+        self.image_ids = [dataset.image_ids[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+    def annotations(self, i, **kw):
+        return self.dataset.annotations(self.indices[i], **kw)
+
+    def image_size(self, i):
+        return self.dataset.image_size(self.indices[i])
+
+
+def subset_by_ids(dataset, ids) -> DetectionSubset:
+    """The images whose ids are in `ids` (in the dataset's order); unknown ids are an error."""
+    pos = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    missing = [i for i in ids if i not in pos]
+    if missing:
+        raise KeyError(f"{len(missing)} image ids of the split are not in the dataset (first: {missing[:5]}); "
+                       f"was the split made for another dataset?")
+    return DetectionSubset(dataset, sorted(pos[i] for i in set(ids)))
+
+
+def kshot_subset(dataset, k: int, seed: int = 0) -> list[int]:
+    """Image ids such that every class appears in at least `k` chosen images (where the dataset has
+    that many): images are visited in a seeded random order and kept when they hold a class that
+    still has fewer than `k` images."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(len(dataset.classes) + 1, np.int64)
+    chosen = []
+    for i in rng.permutation(len(dataset)):
+        present = np.unique(dataset.annotations(int(i))["labels"])
+        if len(present) and (counts[present] < k).any():
+            counts[present] += 1
+            chosen.append(dataset.image_ids[int(i)])
+        if (counts[1:] >= k).all():
+            break
+    return sorted(chosen)
+
+
+def fraction_split(dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(labelled ids, unlabelled ids): a seeded draw *without* replacement of round(fraction * N)
+    images (at least 1) as labelled; the rest unlabelled."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labelled fraction must be in (0, 1], got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    n = max(1, int(round(fraction * len(dataset))))
+    ids = np.asarray(dataset.image_ids)
+    return sorted(ids[order[:n]].tolist()), sorted(ids[order[n:]].tolist())
+
+
+def save_split(path, ids: dict) -> None:
+    """Write {name: [image ids]} as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic({k: [int(i) for i in v] for k, v in ids.items()}, path)
+
+
+def load_split(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    return json.loads(path.read_text())
