@@ -22,7 +22,6 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from .distributed import get_rank, get_world_size
@@ -373,16 +372,17 @@ def export_imagefolder(dataset: SyntheticDetection, out_dir) -> Path:
 # Loaders of the real formats
 # --------------------------------------------------------------------------------------------
 def _load_image(path: Path) -> tv_tensors.Image:
+    """uint8 (3, H, W) RGB; a missing, empty or undecodable file is an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    data = read_file(str(path))
-    if data.numel() == 0:
+    if path.stat().st_size == 0:
         raise ValueError(f"empty image file: {path} (0 bytes); remove it from the annotations or restore it")
     try:
-        img = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as e:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
         raise ValueError(f"cannot decode image {path}: {e}") from e
-    return tv_tensors.Image(img)
+    return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
 
 class _FlatDetection(Dataset):
@@ -500,7 +500,9 @@ class VOCDetection(_FlatDetection):
 
     def __init__(self, root, image_set: str = "trainval", transforms=None, keep_difficult: bool = True,
                  classes=None):
-        roots = [Path(r) for r in (root.split(",") if isinstance(root, str) else root)]
+        if isinstance(root, (str, Path)):
+            root = str(root).split(",")
+        roots = [Path(r) for r in root]
         self.transforms, self.paths, records = transforms, [], []
         for r in roots:
             split_file = r / "ImageSets" / "Main" / f"{image_set}.txt"

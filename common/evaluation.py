@@ -100,9 +100,9 @@ def coco_evaluate(predictions, targets, iou_thresholds=None) -> dict:
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
     """VOC07: mean over t in 0, 0.1, ..., 1 of the max precision at recall >= t. Otherwise the area
     under the monotone (non-increasing) precision envelope."""
-    if use_07_metric:
+    if use_07_metric:  # the devkit's np.arange thresholds, float quirks included (0.6000000000000001)
         return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                              for t in np.linspace(0, 1, 11)]))
+                              for t in np.arange(0.0, 1.1, 0.1)]))
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.concatenate([[0.0], precision, [0.0]])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]

@@ -1,0 +1,102 @@
+"""common.detectors: every architecture builds, trains a step and predicts on the CPU; the one
+weight loader maps keys between classifiers, FPN and C4 detectors and refuses what does not fit."""
+import pickle
+
+import pytest
+import torch
+
+from common.data import SyntheticDetection, collate_detection, detection_transforms
+from common.detectors import backbone_state_dict, build_classifier, build_detector, load_weights
+
+SMALL = dict(backbone="resnet18", min_size=64, max_size=96, anchor_sizes=(16, 32, 64, 128, 256))
+SAMPLES = dict(rpn_batch_size_per_image=32, box_batch_size_per_image=32, rpn_pre_nms_top_n_test=100,
+               rpn_post_nms_top_n_test=50, box_detections_per_img=10)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ds = SyntheticDetection(2, 64, seed=0, transforms=detection_transforms(True, scales=(64,), max_size=96))
+    return collate_detection([ds[i] for i in range(2)])
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn_fpn", "faster_rcnn_c4", "retinanet", "mask_rcnn"])
+def test_build_train_step_and_predict(arch, batch):
+    torch.manual_seed(0)
+    extra = dict(topk_candidates=50, detections_per_img=10) if arch == "retinanet" else SAMPLES
+    model = build_detector(arch, 8, **SMALL, **extra)
+    images, targets = batch
+    losses = model(list(images), list(targets))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("conv1" in n for n in frozen) and any("layer1" in n for n in frozen)  # stem + res2
+    assert not any("layer2" in n for n in frozen)
+    model.eval()
+    with torch.no_grad():
+        out = model([images[0]])[0]
+    assert set(out) >= {"boxes", "scores", "labels"} and out["boxes"].shape[-1] == 4
+
+
+def test_norm_choices_and_trainable_layers():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    m = build_detector("faster_rcnn_fpn", 3, backbone="resnet18", norm="gn", trainable_layers=5)
+    assert any(isinstance(x, torch.nn.GroupNorm) for x in m.modules())
+    assert all(p.requires_grad for p in m.parameters())
+    m = build_detector("faster_rcnn_fpn", 3, backbone="resnet18")
+    assert isinstance(m.backbone.body.bn1, FrozenBatchNorm2d)
+    m = build_detector("faster_rcnn_fpn", 3, backbone="resnet18", box_head="4conv1fc", norm="bn")
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.roi_heads.box_head.modules()) == 4
+
+
+def test_classifier_to_fpn_and_c4_transfer(tmp_path):
+    cls = build_classifier("resnet18", 8)
+    torch.save({"model": cls.state_dict()}, tmp_path / "cls.pth")
+    fpn = build_detector("faster_rcnn_fpn", 5, backbone="resnet18")
+    report = load_weights(fpn, tmp_path / "cls.pth", verbose=False)
+    assert all(k.startswith("backbone.body.") for k in report.loaded)
+    assert not [k for k in report.missing if k.startswith("backbone.body.")]
+    ref = backbone_state_dict(cls)
+    got = backbone_state_dict(fpn)
+    assert all(torch.equal(got[k], ref[k]) for k in got if "num_batches" not in k)
+    c4 = build_detector("faster_rcnn_c4", 5, backbone="resnet18", pretrained=str(tmp_path / "cls.pth"))
+    assert torch.equal(c4.roi_heads.box_head.layer4[0].conv1.weight, cls.layer4[0].conv1.weight)
+    assert torch.equal(c4.backbone.body.layer3[1].conv2.weight, cls.layer3[1].conv2.weight)
+
+
+def test_detector_transfer_skips_class_specific_layers(tmp_path):
+    torch.manual_seed(0)
+    src = build_detector("faster_rcnn_fpn", 20, backbone="resnet18", box_head="4conv1fc")
+    torch.save({"model": src.state_dict(), "args": {"arch": "x"}}, tmp_path / "det.pth")
+    dst = build_detector("faster_rcnn_fpn", 20, backbone="resnet18", box_head="4conv1fc")
+    report = load_weights(dst, tmp_path / "det.pth", verbose=False)
+    assert {k for k, _ in report.skipped} == {f"roi_heads.box_predictor.{n}.{p}" for n in ("cls_score", "bbox_pred")
+                                             for p in ("weight", "bias")}
+    assert not report.missing  # the skipped predictor is reported as skipped, not missing
+    assert torch.equal(dst.backbone.fpn.inner_blocks[0][0].weight, src.backbone.fpn.inner_blocks[0][0].weight)
+    assert torch.equal(dst.roi_heads.box_head[0][0].weight, src.roi_heads.box_head[0][0].weight)
+    full = load_weights(build_detector("faster_rcnn_fpn", 20, backbone="resnet18", box_head="4conv1fc"),
+                        tmp_path / "det.pth", skip_class_specific=False, verbose=False)
+    assert not full.missing
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    model = build_detector("faster_rcnn_fpn", 3, backbone="resnet18")
+    torch.save({"model": {"foo.weight": torch.zeros(3)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_weights(model, tmp_path / "other.pth")
+    with pytest.raises(FileNotFoundError):
+        load_weights(model, tmp_path / "missing.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_weights(model, tmp_path / "evil.pth")
+    big = build_detector("faster_rcnn_fpn", 3, backbone="resnet50")
+    torch.save(big.state_dict(), tmp_path / "r50.pth")
+    report = load_weights(model, tmp_path / "r50.pth", verbose=False)  # r50 -> r18: shapes differ
+    assert any(r == "shape mismatch" for _, r in report.skipped)

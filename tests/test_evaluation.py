@@ -1,0 +1,133 @@
+"""common.evaluation: VOC devkit conventions on hand-computed cases, COCO against pycocotools."""
+from contextlib import redirect_stdout
+from io import StringIO
+
+import numpy as np
+import pytest
+import torch
+
+from common.data import SyntheticDetection
+from common.evaluation import coco_evaluate, voc_ap, voc_evaluate
+
+
+def _img(boxes, labels, scores=None, difficult=None):
+    d = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)}
+    if scores is not None:
+        d["scores"] = torch.tensor(scores, dtype=torch.float32)
+    if difficult is not None:
+        d["difficult"] = torch.tensor(difficult)
+    return d
+
+
+# One image, class 1: A and B normal, C difficult. Detections in score order: a hit on A (TP), a
+# duplicate on A (FP), a hit on C (ignored), a hit on B (TP). Cumulative tp = 1 1 1 2, fp = 0 1 1 1.
+GT = _img([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [1, 1, 1], difficult=[False, False, True])
+DET = _img([[0, 0, 10, 10], [1, 0, 10, 10], [40, 40, 50, 50], [20, 20, 30, 30]], [1, 1, 1, 1], [0.9, 0.8, 0.7, 0.6])
+
+
+def test_voc_area_metric_hand_computed():
+    # recall .5 .5 .5 1, precision 1 .5 .5 2/3 -> envelope 1 up to recall .5, 2/3 up to 1.
+    assert voc_evaluate([DET], [GT])["mAP"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_voc07_metric_hand_computed():
+    # t = 0 .. 0.5 (6 points) -> 1; t = 0.6 .. 1.0 (5 points) -> 2/3.
+    assert voc_evaluate([DET], [GT], use_07_metric=True)["mAP"] == pytest.approx((6 + 5 * 2 / 3) / 11)
+
+
+def test_voc_difficult_only_class_is_not_scored_and_difficult_hits_are_neutral():
+    gt = _img([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2], difficult=[False, True])
+    det = _img([[20, 20, 30, 30], [0, 0, 10, 10]], [2, 1], [0.9, 0.8])
+    out = voc_evaluate([det], [gt])
+    assert set(out["AP"]) == {1} and out["mAP"] == pytest.approx(1.0)
+
+
+def test_voc_iou_threshold_is_strict():
+    gt = _img([[0, 0, 10, 10]], [1])
+    exactly_half = _img([[0, 0, 10, 20]], [1], [1.0])  # IoU = 100 / 200
+    assert voc_evaluate([exactly_half], [gt], 0.5)["mAP"] == 0.0
+    assert voc_evaluate([exactly_half], [gt], 0.49)["mAP"] == 1.0
+
+
+def test_voc_ap_interpolation_matches_devkit_on_a_curve():
+    rec = np.array([0.1, 0.2, 0.2, 0.4, 0.65])
+    prec = np.array([1.0, 1.0, 0.66, 0.75, 0.6])
+    # area: 0.2 * 1 + 0.2 * 0.75 + 0.25 * 0.6
+    assert voc_ap(rec, prec) == pytest.approx(0.2 + 0.15 + 0.15)
+    # 07: t = 0, .1, .2 -> 1; .3, .4 -> .75; .5, .6 -> .6; .7 .. 1 -> 0
+    assert voc_ap(rec, prec, True) == pytest.approx((3 + 2 * 0.75 + 2 * 0.6) / 11)
+
+
+def test_voc_false_positive_in_image_without_that_class():
+    gt = [_img([[0, 0, 10, 10]], [1]), _img([[0, 0, 5, 5]], [2])]
+    det = [_img([[0, 0, 10, 10]], [1], [0.5]), _img([[0, 0, 5, 5]], [1], [0.9])]
+    assert voc_evaluate(det, gt)["AP"][1] == pytest.approx(0.5)  # precision 1/2 at recall 1
+
+
+def _noisy_predictions(targets, seed=0):
+    rng = np.random.default_rng(seed)
+    preds = []
+    for t in targets:
+        b = np.asarray(t["boxes"], np.float64)
+        n = len(b)
+        jitter = rng.normal(0, 3, b.shape)
+        fake = rng.uniform(0, 100, (3, 2))
+        fake = np.concatenate([fake, fake + rng.uniform(5, 30, (3, 2))], 1)
+        labels = np.concatenate([np.where(rng.random(n) < 0.85, t["labels"], rng.integers(1, 9, n)),
+                                 rng.integers(1, 9, 3)])
+        preds.append({"boxes": np.concatenate([b + jitter, fake]), "labels": labels,
+                      "scores": rng.random(n + 3)})
+    return preds
+
+
+def test_coco_matches_pycocotools_summarize():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ds = SyntheticDetection(40, 128, seed=3)
+    targets = [ds.annotations(i) for i in range(len(ds))]
+    preds = _noisy_predictions(targets)
+    ours = coco_evaluate(preds, targets)
+
+    images, anns, dets = [], [], []
+    for i, (p, t) in enumerate(zip(preds, targets), 1):
+        images.append({"id": i})
+        for b, c in zip(t["boxes"], t["labels"]):
+            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c),
+                         "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
+        for b, c, s in zip(p["boxes"], p["labels"], p["scores"]):
+            dets.append({"image_id": i, "category_id": int(c), "score": float(s),
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k} for k in range(1, 9)]}
+    with redirect_stdout(StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    ref = dict(zip(["AP", "AP50", "AP75", "APs", "APm", "APl"], ev.stats[:6]))
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(v, abs=1e-12), k
+    assert 0 < ours["AP"] < ours["AP50"] <= 1
+
+
+def test_coco_extra_thresholds():
+    ds = SyntheticDetection(20, 128, seed=4)
+    targets = [ds.annotations(i) for i in range(len(ds))]
+    preds = _noisy_predictions(targets, seed=1)
+    out = coco_evaluate(preds, targets, iou_thresholds=[0.1, 0.5, 0.75, 0.9])
+    assert out["AP@0.5"] == pytest.approx(out["AP50"]) and out["AP@0.75"] == pytest.approx(out["AP75"])
+    assert out["AP@0.1"] >= out["AP@0.5"] >= out["AP@0.9"]
+
+
+def test_coco_perfect_and_empty():
+    ds = SyntheticDetection(5, 128, seed=5)
+    targets = [ds.annotations(i) for i in range(5)]
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": np.ones(len(t["labels"]))} for t in targets]
+    assert coco_evaluate(perfect, targets)["AP"] == pytest.approx(1.0)
+    empty = [{"boxes": np.zeros((0, 4)), "labels": np.zeros(0, int), "scores": np.zeros(0)} for _ in targets]
+    assert coco_evaluate(empty, targets)["AP"] == 0.0
+    with pytest.raises(ValueError, match="one dict per image"):
+        coco_evaluate(perfect[:2], targets)
