@@ -80,14 +80,15 @@ def _noisy_predictions(targets, seed=0):
     return preds
 
 
-def test_coco_matches_pycocotools_summarize():
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_coco_matches_pycocotools_summarize(backend):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     ds = SyntheticDetection(40, 128, seed=3)
     targets = [ds.annotations(i) for i in range(len(ds))]
     preds = _noisy_predictions(targets)
-    ours = coco_evaluate(preds, targets)
+    ours = coco_evaluate(preds, targets, backend=backend)
 
     images, anns, dets = [], [], []
     for i, (p, t) in enumerate(zip(preds, targets), 1):
@@ -118,6 +119,7 @@ def test_coco_extra_thresholds():
     targets = [ds.annotations(i) for i in range(len(ds))]
     preds = _noisy_predictions(targets, seed=1)
     out = coco_evaluate(preds, targets, iou_thresholds=[0.1, 0.5, 0.75, 0.9])
+    assert out == coco_evaluate(preds, targets, [0.1, 0.5, 0.75, 0.9], backend="pycocotools")
     assert out["AP@0.5"] == pytest.approx(out["AP50"]) and out["AP@0.75"] == pytest.approx(out["AP75"])
     assert out["AP@0.1"] >= out["AP@0.5"] >= out["AP@0.9"]
 

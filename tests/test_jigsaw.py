@@ -1,0 +1,242 @@
+"""jigsaw.py: sample extraction, assembly layout, Eq. 1-2, the losses, and smoke runs of every stage
+(pre-training with resume, fine-tuning, scratch, ERF figure, benchmark, 2-process torchrun)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+import jigsaw
+from common.data import SyntheticDetection
+
+from conftest import ROOT, run_torchrun
+
+
+# --- Sec. 3.1: sample selection -------------------------------------------------------------------
+def test_enlarged_boxes_grow_up_to_twice_and_are_truncated():
+    rng = np.random.default_rng(0)
+    gt = np.array([[40, 40, 60, 70]] * 2000, np.float32)  # 20 x 30 box in a 100 x 100 image
+    big = jigsaw.enlarge_boxes(gt, (100, 100), rng)
+    w, h = big[:, 2] - big[:, 0], big[:, 3] - big[:, 1]
+    assert (big[:, :2] <= gt[:, :2]).all() and (big[:, 2:] >= gt[:, 2:]).all()  # corners move outwards
+    assert w.min() >= 20 and w.max() <= 40 and h.min() >= 30 and h.max() <= 60
+    assert w.max() > 38 and h.max() > 57  # the full range is used
+    edge = jigsaw.enlarge_boxes(np.array([[0, 2, 90, 99]] * 200, np.float32), (100, 100), rng)
+    assert edge.min() >= 0 and edge[:, 2].max() <= 100 and edge[:, 3].max() <= 100  # truncated at the image
+    assert (edge[:, 3] == 100).mean() > 0.9
+
+
+def test_negatives_never_overlap_ground_truth():
+    rng = np.random.default_rng(1)
+    gt = np.array([[10, 10, 50, 50], [60, 20, 90, 80]], np.float32)
+    neg = jigsaw.random_negatives(gt, (100, 120), 50, rng)
+    assert len(neg) > 10
+    assert (box_iou(torch.from_numpy(neg), torch.from_numpy(gt)) == 0).all()
+    assert (neg[:, 2] <= 120).all() and (neg[:, 3] <= 100).all() and (neg[:, :2] >= 0).all()
+
+
+def test_sample_table_positives_negatives_and_memmap(tmp_path):
+    ds = SyntheticDetection(40, 96, seed=3)
+    jigsaw.extract_samples(ds, tmp_path / "samples", seed=0)
+    table = jigsaw.load_sample_table(tmp_path / "samples")
+    assert isinstance(table["boxes"], np.memmap) and table["boxes"].dtype == np.float32
+    C = len(ds.classes)
+    n_gt = sum(len(ds.annotations(i)["boxes"]) for i in range(len(ds)))
+    pos, neg = (table["labels"] < C).sum(), (table["labels"] == C).sum()
+    assert pos == n_gt and table["meta"]["classes"][-1] == "background"
+    assert neg + table["meta"]["negatives_not_found"] == int(n_gt * 0.1)  # 10 : 1
+    for k in np.nonzero(table["labels"] == C)[0]:
+        gt = ds.annotations(int(table["image_index"][k]))["boxes"]
+        assert box_iou(torch.from_numpy(table["boxes"][k:k + 1].copy()), torch.from_numpy(gt)).max() == 0
+    for k in np.nonzero(table["labels"] < C)[0][:50]:  # each positive contains its ground-truth box
+        ann = ds.annotations(int(table["image_index"][k]))
+        inside = ((table["boxes"][k, :2] <= ann["boxes"][:, :2] + 1e-4).all(1)
+                  & (table["boxes"][k, 2:] >= ann["boxes"][:, 2:] - 1e-4).all(1))
+        assert inside.any() and table["labels"][k] + 1 in ann["labels"][inside]
+
+
+# --- Sec. 3.2: assembly -------------------------------------------------------------------------
+def test_template_regions_and_feature_positions():
+    t = jigsaw.Template(224, 64)
+    masks = t.input_masks()
+    assert (masks.sum(0) == 1).all()  # a partition
+    assert [int(m.sum()) for m in masks] == [64 * 64, 160 * 64, 64 * 160, 160 * 160]
+    ar = [(x2 - x1) / (y2 - y1) for x1, y1, x2, y2 in t.boxes]
+    assert 0.5 <= ar[0] <= 1.5 and ar[1] > 1.5 and ar[2] < 0.5 and 0.5 <= ar[3] <= 1.5
+    rop = t.region_of_position().view(7, 7)
+    assert (rop[:2, :2] == 0).all() and (rop[:2, 2:] == 1).all() and (rop[2:, :2] == 2).all() and (rop[2:, 2:] == 3).all()
+    with pytest.raises(ValueError, match="multiples of the stride"):
+        jigsaw.Template(224, 50)
+
+
+class _Solid:
+    """A detection source whose image k is filled with the value k (so crops are identifiable)."""
+    classes = ("a", "b", "c")
+
+    def __getitem__(self, k):
+        return torch.full((3, 200, 200), k, dtype=torch.uint8), {}
+
+
+def _table(boxes, labels):
+    n = len(boxes)
+    return {"image_index": np.arange(n), "boxes": np.asarray(boxes, np.float32), "labels": np.asarray(labels),
+            "meta": {"classes": ["a", "b", "c", "background"]}}
+
+
+def test_assembly_places_each_group_in_its_region():
+    # sample k comes from image k: 0 small S, 1 large S, 2 wide W, 3 tall T
+    boxes = [[0, 0, 20, 20], [0, 0, 150, 140], [0, 0, 180, 30], [0, 0, 30, 180]]
+    ds = jigsaw.JigsawAssembly(_Solid(), _table(boxes, [0, 1, 2, 3]), jigsaw.Template(224, 64), "warp")
+    assert {g: v.tolist() for g, v in ds.groups.items()} == {"S": [0, 1], "T": [3], "W": [2]}
+    torch.manual_seed(0)
+    for _ in range(5):
+        image, target = ds[0]
+        assert image.shape == (3, 224, 224)
+        assert target["region_labels"].tolist() == [0, 2, 3, 1]  # R1 small S, R2 W, R3 T, R4 large S
+        raw = image * torch.tensor(jigsaw.STD)[:, None, None] + torch.tensor(jigsaw.MEAN)[:, None, None]
+        raw = (raw * 255).round()
+        for k, (x1, y1, x2, y2) in zip([0, 2, 3, 1], ds.template.boxes):
+            assert (raw[:, y1:y2, x1:x2] == k).all()  # warp fills the whole region with sample k
+
+
+def test_padcrop_pads_small_and_crops_large_samples():
+    torch.manual_seed(0)
+    small = jigsaw.fit_to_region(torch.ones(3, 10, 20), (64, 64), "padcrop", 1.0, False)
+    assert small.shape == (3, 64, 64) and small.sum() == 3 * 10 * 20  # padded with zeros, nothing lost
+    large = jigsaw.fit_to_region(torch.rand(3, 300, 100) + 0.1, (64, 160), "padcrop", 1.0, True)
+    filled = (large > 0).all(0).all(0)  # (160,) columns holding the sample
+    assert large.shape == (3, 64, 160) and filled.sum() == 100  # rows cropped to 64, columns padded
+    assert (large[:, :, ~filled] == 0).all() and filled.nonzero().flatten().diff().eq(1).all()
+    resized = jigsaw.fit_to_region(torch.ones(3, 100, 50), (64, 64), "resize", 1.0, False)
+    assert resized.sum() == 3 * 64 * 32  # aspect kept: 64 x 32, then padded
+    scaled = jigsaw.fit_to_region(torch.ones(3, 20, 20), (64, 64), "padcrop", 1.5, False)
+    assert scaled.sum() == 3 * 30 * 30  # per-sample resize ratio (Sec. 4.1)
+
+
+# --- Sec. 3.3: Eq. 1-2 and the losses ---------------------------------------------------------------
+def test_erf_label_weights_hand_computed():
+    masks = torch.zeros(4, 2, 2, dtype=torch.bool)  # a 2 x 2 input, one pixel per region
+    masks[0, 0, 0] = masks[1, 0, 1] = masks[2, 1, 0] = masks[3, 1, 1] = True
+    erf = torch.tensor([[[6.0, 2.0], [1.0, 1.0]],  # position in R1: own share 0.6 < tau
+                        [[1.0, 8.0], [0.0, 1.0]],  # position in R2: own share 0.8 > tau
+                        [[0.0, 0.0], [5.0, 0.0]],  # ERF only inside its own region (R3)
+                        [[0.0, 0.0], [0.0, 0.0]]])  # dead ERF, position in R4
+    w = jigsaw.erf_label_weights(erf, masks, torch.tensor([0, 1, 2, 3]), tau=0.7)
+    expected = torch.tensor([[0.7, 0.3 * 2 / 4, 0.3 * 1 / 4, 0.3 * 1 / 4],
+                             [0.2 * 1 / 2, 0.8, 0.0, 0.2 * 1 / 2],
+                             [0.0, 0.0, 1.0, 0.0],
+                             [0.0, 0.0, 0.0, 1.0]])
+    assert torch.allclose(w, expected, atol=1e-6)
+
+
+def test_erf_label_weights_rows_sum_to_one_and_tau_one_is_blockwise():
+    t = jigsaw.Template(128, 32)
+    rop = t.region_of_position()
+    erf = torch.rand(len(rop), 128, 128)
+    for tau in (0.0, 0.5, 0.7):
+        w = jigsaw.erf_label_weights(erf, t.input_masks(), rop, tau)
+        assert torch.allclose(w.sum(1), torch.ones(len(rop)), atol=1e-5)
+        assert (w.gather(1, rop[:, None]) >= tau - 1e-6).all() and (w >= 0).all()
+    w1 = jigsaw.erf_label_weights(erf, t.input_masks(), rop, tau=1.0)
+    assert torch.equal(w1, torch.nn.functional.one_hot(rop, 4).float())
+    labels = torch.tensor([[2, 0, 1, 3]])
+    y = jigsaw.soft_labels(w1, labels, 5, t.feature_hw)  # Eq. 1 with tau = 1: each region's own label
+    assert torch.equal(y.argmax(1).flatten(), labels[0][rop]) and torch.equal(y.sum(1), torch.ones(1, 4, 4))
+
+
+def test_erf_adaptive_loss_averages_per_region_then_regions():
+    rop = torch.tensor([0, 1, 1, 1, 2, 2, 3, 3, 3])  # uneven region sizes
+    logits = torch.randn(2, 5, 3, 3)
+    targets = torch.softmax(torch.randn(2, 5, 3, 3), 1)
+    loss_map = -(targets * torch.log_softmax(logits, 1)).sum(1).flatten(1)
+    expected = torch.stack([loss_map[:, rop == r].mean(1) for r in range(4)], 1).mean()
+    assert torch.allclose(jigsaw.erf_adaptive_loss(logits, targets, rop), expected)
+
+
+def test_effective_receptive_fields_match_single_position_gradients():
+    from common.detectors import build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier("resnet18", 3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    erf = jigsaw.effective_receptive_fields(net, images, chunk=3)  # chunks that split the 4 positions
+    assert erf.shape == (4, 64, 64) and (erf >= 0).all()
+    ref = torch.zeros(64, 64)
+    for img in images:
+        x = img[None].clone().requires_grad_(True)
+        jigsaw.backbone_features(net, x)[0, :, 1, 0].sum().backward()  # position (j=1, k=0) = p 2
+        ref += x.grad.abs().sum((0, 1))
+    assert torch.allclose(erf[2], ref / 2, rtol=1e-4, atol=1e-7)
+
+
+# --- smoke runs of every stage -------------------------------------------------------------------
+SMALL = ["--data", "synthetic", "--num-images", "24", "--image-size", "64", "--backbone", "resnet18",
+         "--input-size", "64", "--split", "32", "--batch-size", "4", "--warmup-iters", "2", "--erf-every", "2",
+         "--erf-images", "1", "--workers", "0", "--device", "cpu", "--log-every", "1",
+         "--train-split", "train", "--val-split", "val"]
+DET = ["--arch", "faster_rcnn_fpn", "--det-epochs", "1", "--det-steps", "1", "--det-batch-size", "4",
+       "--min-size", "64", "--max-size", "64", "--det-warmup-iters", "1",
+       "--det-kwargs", json.dumps({"anchor_sizes": [16, 32, 64, 128, 256], "rpn_batch_size_per_image": 32,
+                                   "box_batch_size_per_image": 32})]
+
+
+def _args(out, *extra):
+    return jigsaw.get_args_parser().parse_args(SMALL + ["--out", str(out), *extra])
+
+
+def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
+    full = jigsaw.pretrain(_args(tmp_path / "a", "--iters", "4"), _env())
+    jigsaw.pretrain(_args(tmp_path / "b", "--iters", "4", "--checkpoint-every", "1"), _env(), max_steps=3)
+    resumed = jigsaw.pretrain(_args(tmp_path / "b", "--iters", "4", "--resume"), _env())
+    a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["extra"]["erf"]["weights"], b["extra"]["erf"]["weights"])
+    w = a["extra"]["erf"]["weights"]
+    assert w.shape == (4, 4) and torch.allclose(w.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("strategy", ["blockwise", "global"])
+def test_other_strategies_train(tmp_path, strategy):
+    path = jigsaw.pretrain(_args(tmp_path, "--iters", "2", "--strategy", strategy, "--fit", "resize"), _env())
+    assert path.parent.name == f"pretrain_{strategy}" and torch.load(path, weights_only=True)["step"] == 2
+
+
+def test_finetune_scratch_figure_and_benchmark(tmp_path, capsys):
+    args = _args(tmp_path, "--iters", "2", *DET)
+    jigsaw.pretrain(args, _env())
+    tuned = jigsaw.finetune(args, _env())
+    assert 0 <= tuned["AP"] <= 1 and (tmp_path / "finetune" / "metrics.json").is_file()
+    assert "loaded" in capsys.readouterr().out  # the Jigsaw backbone went into the detector
+    scratch = jigsaw.finetune(_args(tmp_path, *DET, "--scratch-budget-s", "1"), _env(), scratch=True)
+    assert scratch["epochs"] >= 1 and (tmp_path / "scratch" / "schedule.json").is_file()
+    outside = jigsaw.erf_figure(args, _env(), {"random": None, "jigsaw": tmp_path / "pretrain" / "checkpoint.pth"},
+                                tmp_path / "fig6.png")
+    assert (tmp_path / "fig6.png").stat().st_size > 1000 and all(0 <= v <= 1 for v in outside.values())
+    result = jigsaw.benchmark(args, _env(), batches=2)
+    assert result["pipeline_images_per_s"] > 0 and result["model_images_per_s"] > 0
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run --stage extract"):
+        jigsaw.load_sample_table(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        jigsaw.pretrain(_args(tmp_path, "--iters", "2", "--resume"), _env())
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        jigsaw.finetune(_args(tmp_path, *DET, "--weights", str(tmp_path / "missing.pth")), _env())
+
+
+def test_torchrun_two_processes(tmp_path):
+    run_torchrun(["jigsaw.py", "--stage", "pretrain", *SMALL, "--out", tmp_path, "--iters", "2"], nproc=2)
+    state = torch.load(tmp_path / "pretrain" / "checkpoint.pth", weights_only=True)
+    assert state["step"] == 2 and state["extra"]["erf"]["weights"].shape == (4, 4)
+
+
+def _env():
+    from common.distributed import init_distributed
+
+    return init_distributed("cpu")
