@@ -35,6 +35,8 @@ def fake_predictions(targets, seed=0):
 
 
 def plain_pycocotools(predictions, targets):
+    """pycocotools used the usual way: JSON-style dicts, loadRes, evaluate/accumulate/summarize.
+    Returns `COCOeval.stats` (the tests use it as the reference for coco_evaluate)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -56,7 +58,7 @@ def plain_pycocotools(predictions, targets):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return ev.stats[0]
+    return ev.stats
 
 
 def throughput(dataset, workers, batch, seconds_cap=20.0, max_batches=60):
@@ -89,7 +91,7 @@ def main():
         t = time.perf_counter()
         timings[backend] = (coco_evaluate(preds, targets, backend=backend)["AP"], time.perf_counter() - t)
     t = time.perf_counter()
-    ref = plain_pycocotools(preds, targets)
+    ref = plain_pycocotools(preds, targets)[0]
     t_ref = time.perf_counter() - t
     print(f"COCO eval, {args.images} images, {sum(len(p['scores']) for p in preds)} detections:")
     for backend, (ap, sec) in timings.items():
