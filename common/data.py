@@ -82,13 +82,13 @@ def _draw_mask(parts, cx, cy, w, h, angle, size) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A (size, size, 3) float texture: solid, stripes, checks or blotches in two colours."""
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A (h, w, 3) float texture: solid, stripes, checks or blotches in two colours."""
     c1, c2 = rng.uniform(0.05, 1.0, 3), rng.uniform(0.05, 1.0, 3)
     kind = rng.integers(4)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == 0:
-        t = np.zeros((size, size), np.float32)
+        t = np.zeros((h, w), np.float32)
     elif kind == 1:
         a, period = rng.uniform(0, math.pi), rng.uniform(3, 9)
         t = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi / period) > 0).astype(np.float32)
@@ -96,8 +96,8 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
         p = int(rng.integers(3, 9))
         t = (((xx // p) + (yy // p)) % 2).astype(np.float32)
     else:
-        small = rng.random((size // 8 + 1, size // 8 + 1)).astype(np.float32)
-        t = np.kron(small, np.ones((8, 8), np.float32))[:size, :size] > 0.5
+        small = rng.random((h // 8 + 1, w // 8 + 1)).astype(np.float32)
+        t = np.kron(small, np.ones((8, 8), np.float32))[:h, :w] > 0.5
     t = np.asarray(t, np.float32)[..., None]
     return c1 * (1 - t) + c2 * t
 
@@ -108,16 +108,18 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     a, b = rng.uniform(0.2, 0.8, 3), rng.uniform(0.2, 0.8, 3)
     img = a * (1 - xx[..., None]) + b * yy[..., None] * 0.5 + 0.25 * (1 - yy[..., None]) * b
     img = np.clip(img, 0, 1)
-    for _ in range(rng.integers(3, 9)):  # irregular polygons: clutter, never one of the classes
+    blobs = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(blobs)
+    n_blobs = int(rng.integers(3, 9))
+    for k in range(n_blobs):  # irregular polygons: clutter, never one of the classes
         n = int(rng.integers(5, 10))
         t = np.sort(rng.uniform(0, 2 * math.pi, n))
         r = rng.uniform(0.3, 1.0, n) * rng.uniform(4, size / 4)
         cx, cy = rng.uniform(0, size, 2)
-        poly = list(zip((cx + r * np.cos(t)).tolist(), (cy + r * np.sin(t)).tolist()))
-        m = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(m).polygon(poly, fill=1)
-        m = np.asarray(m, bool)
-        img[m] = 0.6 * img[m] + 0.4 * rng.uniform(0, 1, 3)
+        draw.polygon(list(zip((cx + r * np.cos(t)).tolist(), (cy + r * np.sin(t)).tolist())), fill=k + 1)
+    ids = np.asarray(blobs)
+    colours = np.concatenate([np.zeros((1, 3)), rng.uniform(0, 1, (n_blobs, 3))])
+    img = np.where(ids[..., None] > 0, 0.6 * img + 0.4 * colours[ids], img)
     strokes = Image.new("L", (size, size), 0)
     d = ImageDraw.Draw(strokes)
     for _ in range(rng.integers(2, 7)):
@@ -226,9 +228,12 @@ class SyntheticDetection(Dataset):
         classes, visible, full = layout
         rng = self._rng(i, 1)
         img = _background(rng, self.size)
-        for m, v in zip(full, visible):
-            tex = _texture(rng, self.size) * rng.uniform(0.75, 1.1)
-            img[v] = tex[v]
+        for v in visible:
+            ys, xs = np.nonzero(v)
+            y1, x1, y2, x2 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+            tex = _texture(rng, y2 - y1, x2 - x1) * rng.uniform(0.75, 1.1)
+            crop = v[y1:y2, x1:x2]
+            img[y1:y2, x1:x2][crop] = tex[crop]
         img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
         return (img * 255).round().astype(np.uint8), self._annotations(*layout, masks=True)
 
