@@ -1,7 +1,6 @@
 """noisy_anchor.py: the contract functions against hand-computed values, c and r without gradient,
 plain focal loss when soft labels and re-weighting are off (RetinaNet and RPN), top-N collisions,
 the evaluation helpers, smoke runs (RetinaNet, Faster R-CNN FPN, 2-process torchrun) and resume."""
-import argparse
 import json
 
 import pytest
@@ -289,4 +288,6 @@ def test_baseline_flag_and_demo_defaults():
     assert d.iters == 3 and d.backbone == "resnet18" and d.device == "cpu"
     p = na.parse_args([])
     assert (p.topn, p.alpha, p.gamma, p.lr, p.iters, p.batch_size) == (30, 0.75, 1.0, 0.005, 180_000, 8)
-    assert isinstance(p, argparse.Namespace)
+    assert na.parse_args(["--arch", "faster_rcnn_fpn"]).lr == 0.01
+    with pytest.raises(SystemExit):
+        na.parse_args(["--topn", "0"])

@@ -1,0 +1,645 @@
+"""Learning from Noisy Anchors for One-stage Object Detection (Li et al., CVPR 2020).
+
+Paper: https://arxiv.org/abs/1912.05086, also Chapter 2 of Hengduo Li's thesis
+(`../shared/papers/li_thesis_noisy_anchor_ssod_analysis.txt`, Sec. 2.4, Eq. 2.1-2.6, Algorithm 1).
+
+RetinaNet's anchors are labelled by fixed IoU thresholds, so some positives hold clutter and some
+negatives hold useful parts of objects. NoisyAnchor takes each ground truth's top-N anchors as
+candidate positives (A_pos, everything else negative) and scores each candidate's cleanliness c
+from what the network already predicts: the IoU of its regressed box with its ground truth (loc_a)
+and its probability of the ground-truth class (cls_c). c replaces the hard label (soft labels), and
+r, a non-linear function of the same two numbers normalised to mean 1, re-weights the positives'
+classification and regression losses. Nothing changes at test time.
+
+Equations -> code
+- Eq. 2.1  focal-weighted BCE(p, t)          -> `focal_bce` (w_p = alpha_f (1-p)^gamma_f, w_n = (1-alpha_f) p^gamma_f)
+- Eq. 2.2  IoU-threshold labels (baseline)    -> torchvision's `Matcher` (RetinaNet 0.5 / 0.4, RPN 0.7 / 0.3)
+- Alg. 1 lines 1-6  A_pos = top-N per GT      -> `topn_assign` (used through `TopNMatcher`)
+- Eq. 2.3  c = alpha loc_a + (1-alpha) cls_c  -> `cleanliness`; loc_a from `paired_iou` of the decoded box
+- Eq. 2.4  r = (alpha f(loc_a) + (1-alpha) f(cls_c))^gamma, mean 1 -> `reweight`
+- Eq. 2.5  L_cls = sum_pos r BCE(p, c) + sum_neg BCE(p, 0) -> `noisy_anchor_losses` (RetinaNet),
+                                                             `NoisyAnchorRPN.compute_loss` (RPN)
+- Eq. 2.6  L_reg = sum_pos r smoothL1           -> the same two functions
+- Table 2.5 proposal AR@100/300/1000            -> `proposal_recall`
+- Table 2.7 top-2 % confidence / IoU, Pearson r -> `confidence_iou_stats`
+- Fig. 2.2  precision-recall curves             -> `pr_curves`, `plot_pr_curves`
+
+CHOICE: both RetinaNet losses are normalised per image by |A_pos| of that image and averaged over the
+  images (torchvision's RetinaNet normalisation); r is normalised to mean 1 over each image's
+  positives, so that the r-weighted sums keep the same scale. With soft labels the normaliser is
+  still the count |A_pos|, not the sum of c.
+CHOICE: Eq. 2.1 is used as written: the focal weights stay on their own terms,
+  -c alpha_f (1-p)^gamma_f log p - (1-c)(1-alpha_f) p^gamma_f log(1-p), with RetinaNet's
+  alpha_f = 0.25, gamma_f = 2. For hard labels this is torchvision's `sigmoid_focal_loss`
+  exactly; for soft labels it differs from that op's blended (1 - p_t)^gamma form.
+CHOICE: multi-class sigmoid: a positive's soft label c sits on its ground-truth class column, every
+  other column is 0; r multiplies the anchor's whole row (all classes) and its regression loss.
+CHOICE: f(x) = 1 / (1 - x) is evaluated on loc_a and cls_c clamped to at most 1 - 1e-3 (f <= 1000)
+  so that r stays finite; c uses the unclamped values. c and r are detached (targets and weights).
+CHOICE: when an anchor is in the top-N of several ground truths it goes to the one with the higher
+  IoU (ties: the lower ground-truth index); top-N anchors are taken over all pyramid levels at once
+  and are kept even at IoU 0 (Algorithm 1 has no IoU floor); an image without boxes has no A_pos.
+CHOICE: regression is smooth L1 with beta 0.11 on torchvision's (1, 1, 1, 1) box deltas (the
+  RetinaNet of Detectron / maskrcnn-benchmark; torchvision's own RetinaNet uses plain L1, which is
+  `--smooth-l1-beta 0`). The baseline runs through the same loss code with the IoU matcher and
+  soft labels / re-weighting off, so the two models differ only where the method differs.
+CHOICE: RPN (Tables 2.5-2.6): A_pos / A_neg by top-N, then torchvision's balanced sampler (256
+  anchors per image, at most half positive) as in any RPN; plain BCE (the RPN has no focal loss);
+  r normalised over each image's sampled positives; both RPN terms divided by the number of sampled
+  anchors (torchvision). Only the RPN changes; the Fast R-CNN head trains as usual (Table 2.6).
+CHOICE: proposal AR = mean over IoU 0.5:0.05:0.95 of the recall of all (non-crowd) ground truths,
+  class-agnostic, by the first k proposals in score order, with greedy one-to-one matching on
+  `torchvision.ops.box_iou` (the proposal evaluation of Detectron / maskrcnn-benchmark).
+CHOICE: Table 2.7's "before NMS" predictions are every candidate that enters the detector's NMS
+  (score > 0.05, top 1000 per level for RetinaNet); "after NMS" are the final detections (at most
+  100 per image). The top 2 % by confidence are pooled over the whole evaluation set; a
+  prediction's IoU is its best IoU with a ground truth of its predicted class (0 when none).
+CHOICE: LR warm-up of 500 iterations from 1/3 (Detectron's RetinaNet; the paper is silent).
+DEVIATION: none in the method. The CPU demo trains from scratch (no ImageNet weights offline) on
+  small synthetic scenes with a short schedule; its numbers show the pipeline, not the paper's gains.
+
+Full scale (COCO trainval35k / minival, 1x schedule of Sec. 2.5.1, global batch 8 on 4+ GPUs):
+  torchrun --nproc_per_node 4 noisy_anchor.py --data /data/coco --train-split train2017 \
+      --val-split val2017 --pretrained torchvision --output-dir runs/noisy_anchor_r50
+  baseline:  add --baseline (IoU 0.5 / 0.4 labels, hard labels, no re-weighting)
+  Table 2.3: --no-soft-labels / --no-reweight;  Table 2.4: --gamma, --topn, --alpha
+  Table 2.2: --backbone resnet101 | resnext101_32x8d;  multi-scale: --train-scales 640 672 704 736 768 800
+  Tables 2.5-2.6 (RPN of Faster R-CNN FPN, LR 0.01 by default): --arch faster_rcnn_fpn
+      (RPN baseline: --baseline; RPN-0.5: --baseline --iou-thresholds 0.5 0.5; RPN-0.5 + SR: --assign iou
+       --iou-thresholds 0.5 0.5 --no-soft-labels)
+  Fig. 2.2 from two finished runs: python noisy_anchor.py --plot-pr runs/baseline runs/noisy_anchor_r50
+CPU demo (RetinaNet R18-FPN baseline vs NoisyAnchor on synthetic scenes, same seed and budget):
+  python noisy_anchor.py --demo
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import box_area, box_iou
+
+from common.data import build_detection_dataset, build_loader, detection_transforms
+from common.detectors import build_detector
+from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
+from common.engine import build_scheduler, train_detector
+from common.evaluation import COCO_IOUS, _coco_precision, _coco_tables, coco_backend, coco_evaluate, predict
+
+EPS = 1e-3  # f(x) = 1 / (1 - x) is evaluated at x <= 1 - EPS (CHOICE above)
+AR_IOUS = torch.linspace(0.5, 0.95, 10)  # COCO's AR thresholds
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("NoisyAnchor: learning from noisy anchors", add_help=True)
+    paper = p.add_argument_group("paper hyper-parameters (defaults: Sec. 2.5.1 and Table 2.4)")
+    paper.add_argument("--arch", default="retinanet", choices=["retinanet", "faster_rcnn_fpn"],
+                       help="RetinaNet (Tables 2.1-2.4) or Faster R-CNN FPN with NoisyAnchor in its RPN (2.5-2.6)")
+    paper.add_argument("--assign", default="topn", choices=["topn", "iou"],
+                       help="A_pos: top-N anchors per GT (Alg. 1) or the IoU thresholds of Eq. 2.2")
+    paper.add_argument("--topn", type=int, default=30, help="N, size of each GT's A_pos (Table 2.4b: 30-40)")
+    paper.add_argument("--alpha", type=float, default=0.75, help="balance of loc_a and cls_c, Eq. 2.3-2.4 (Table 2.4c)")
+    paper.add_argument("--gamma", type=float, default=1.0, help="re-weighting exponent, Eq. 2.4 (Table 2.4a)")
+    paper.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=True,
+                       help="c replaces the hard label (Table 2.3 SL)")
+    paper.add_argument("--reweight", action=argparse.BooleanOptionalAction, default=True,
+                       help="r weights the positives' losses (Table 2.3 SR)")
+    paper.add_argument("--baseline", action="store_true",
+                       help="the plain detector: --assign iou --no-soft-labels --no-reweight")
+    paper.add_argument("--iou-thresholds", type=float, nargs=2, default=None, metavar=("FG", "BG"),
+                       help="Eq. 2.2 thresholds for --assign iou (default: RetinaNet 0.5 0.4, RPN 0.7 0.3)")
+    paper.add_argument("--focal-alpha", type=float, default=0.25, help="focal loss alpha (RetinaNet, Eq. 2.1 w_p/w_n)")
+    paper.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (RetinaNet, Eq. 2.1 w_p/w_n)")
+    paper.add_argument("--smooth-l1-beta", type=float, default=0.11,
+                       help="RetinaNet regression smooth L1 beta (Detectron; 0 = torchvision's L1)")
+    paper.add_argument("--iters", type=int, default=180_000, help="1x schedule (Sec. 2.5.1)")
+    paper.add_argument("--batch-size", type=int, default=8, help="global batch (Sec. 2.5.1)")
+    paper.add_argument("--lr", type=float, default=None,
+                       help="SGD LR at global batch 8; default 0.005 RetinaNet, 0.01 Faster R-CNN (Sec. 2.5.1)")
+    paper.add_argument("--momentum", type=float, default=0.9, help="Sec. 2.5.1")
+    paper.add_argument("--weight-decay", type=float, default=1e-4, help="Sec. 2.5.1")
+    paper.add_argument("--warmup-iters", type=int, default=500, help="CHOICE: Detectron's RetinaNet warm-up")
+    paper.add_argument("--backbone", default="resnet50", help="resnet50 / resnet101 / resnext101_32x8d (Table 2.2)")
+    paper.add_argument("--train-scales", type=int, nargs="+", default=[800],
+                       help="training short sides; 640 672 704 736 768 800 for multi-scale (Sec. 2.5.1)")
+    paper.add_argument("--min-size", type=int, default=800, help="test short side (Sec. 2.5.1)")
+    paper.add_argument("--max-size", type=int, default=1333, help="long side cap (Sec. 2.5.1)")
+    paper.add_argument("--top-fraction", type=float, default=0.02, help="Table 2.7: most confident share of predictions")
+
+    system = p.add_argument_group("system")
+    system.add_argument("--data", default="synthetic", help="'synthetic', a COCO root or VOC root(s)")
+    system.add_argument("--train-split", default="train2017")
+    system.add_argument("--val-split", default="val2017")
+    system.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet backbone) or a checkpoint path")
+    system.add_argument("--norm", default="frozen_bn", help="backbone norm: frozen_bn / bn / syncbn / gn")
+    system.add_argument("--trainable-layers", type=int, default=3, help="torchvision's count (3: stem, res2 frozen)")
+    system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="base anchor size per level")
+    system.add_argument("--output-dir", default="runs/noisy_anchor")
+    system.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pth")
+    system.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps")
+    system.add_argument("--workers", type=int, default=4)
+    system.add_argument("--device", default="auto")
+    system.add_argument("--amp", action="store_true")
+    system.add_argument("--clip-grad", type=float, default=0.0)
+    system.add_argument("--seed", type=int, default=0)
+    system.add_argument("--log-every", type=int, default=20)
+    system.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training images")
+    system.add_argument("--synthetic-val", type=int, default=500, help="synthetic validation images")
+    system.add_argument("--synthetic-size", type=int, default=128)
+    system.add_argument("--plot-pr", nargs="+", default=None, metavar="RUN_DIR",
+                        help="only draw Fig. 2.2 from finished runs' results.json into --output-dir")
+    system.add_argument("--demo", action="store_true", help="CPU demo: RetinaNet R18 baseline vs NoisyAnchor")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Anchor assignment and cleanliness (Sec. 2.4, Algorithm 1, Eq. 2.3-2.4)
+# ----------------------------------------------------------------------------------------------
+def topn_assign(iou: torch.Tensor, n: int) -> torch.Tensor:
+    """Algorithm 1 lines 1-6. iou (G, A) anchor IoUs -> (A,) long: the ground truth that claims each
+    anchor of A_pos (each GT claims its top-n anchors; a doubly claimed anchor goes to the GT with
+    the higher IoU), -1 for A_neg."""
+    num_gt, num_anchors = iou.shape
+    matched = torch.full((num_anchors,), -1, dtype=torch.long, device=iou.device)
+    if num_gt == 0 or num_anchors == 0 or n <= 0:
+        return matched
+    top = iou.topk(min(n, num_anchors), dim=1).indices  # (G, n)
+    claimed = torch.zeros_like(iou, dtype=torch.bool).scatter_(1, top, True)  # (G, A)
+    best_iou, best_gt = torch.where(claimed, iou, torch.full_like(iou, -1.0)).max(dim=0)  # (A,)
+    return torch.where(best_iou >= 0, best_gt, matched)
+
+
+class TopNMatcher:
+    """Drop-in for torchvision's `Matcher` (RetinaNet.proposal_matcher, RPN.proposal_matcher)."""
+
+    BELOW_LOW_THRESHOLD = -1
+    BETWEEN_THRESHOLDS = -2
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, match_quality_matrix: torch.Tensor) -> torch.Tensor:
+        return topn_assign(match_quality_matrix, self.n)
+
+
+def cleanliness(loc_a: torch.Tensor, cls_c: torch.Tensor, alpha: float = 0.75) -> torch.Tensor:
+    """Eq. 2.3 for b in A_pos (A_neg gets 0 by construction). Same shape out; no gradient."""
+    return (alpha * loc_a + (1 - alpha) * cls_c).detach()  # Eq. 2.3
+
+
+def reweight(loc_a: torch.Tensor, cls_c: torch.Tensor, alpha: float = 0.75, gamma: float = 1.0,
+             eps: float = EPS) -> torch.Tensor:
+    """Eq. 2.4 over the positives given, normalised to mean 1; finite for loc_a or cls_c = 1
+    (both clamped to 1 - eps inside f). Same shape out; no gradient."""
+    def f(x):
+        return 1.0 / (1.0 - x.detach().clamp(max=1.0 - eps))
+
+    r = (alpha * f(loc_a) + (1 - alpha) * f(cls_c)) ** gamma  # Eq. 2.4
+    return r / r.mean() if r.numel() else r  # mean 1 over the positives
+
+
+def paired_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes1[i] with boxes2[i]: (P, 4), (P, 4) -> (P,)."""
+    lt = torch.maximum(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    return inter / (box_area(boxes1) + box_area(boxes2) - inter).clamp(min=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure functions; Eq. 2.1, 2.5, 2.6)
+# ----------------------------------------------------------------------------------------------
+def focal_bce(logits: torch.Tensor, t: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Eq. 2.1 element-wise: -t w_p log p - (1 - t) w_n log(1 - p), w_p = alpha (1 - p)^gamma,
+    w_n = (1 - alpha) p^gamma (alpha < 0: no alpha weights; gamma 0 and alpha < 0: plain BCE)."""
+    p = torch.sigmoid(logits)
+    w_p, w_n = (1 - p) ** gamma, p ** gamma
+    if alpha >= 0:
+        w_p, w_n = alpha * w_p, (1 - alpha) * w_n
+    return -t * w_p * F.logsigmoid(logits) - (1 - t) * w_n * F.logsigmoid(-logits)  # Eq. 2.1
+
+
+def noisy_anchor_losses(cls_logits, bbox_regression, anchors, targets, matched_idxs, box_coder, *,
+                        alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True, focal_alpha=0.25,
+                        focal_gamma=2.0, beta=0.11) -> dict:
+    """Eq. 2.5-2.6 for RetinaNet. cls_logits (B, A, K), bbox_regression (B, A, 4), anchors list of
+    (A, 4), targets list of dicts, matched_idxs list of (A,) (>= 0: A_pos with its GT, -1: A_neg,
+    -2: ignored, as torchvision's Matcher). With soft labels and re-weighting off this is plain
+    focal loss + smooth L1 on the given assignment, normalised like torchvision's RetinaNet."""
+    cls_losses, reg_losses = [], []
+    for logits, deltas, anchors_i, target, matched in zip(cls_logits, bbox_regression, anchors, targets, matched_idxs):
+        pos = torch.where(matched >= 0)[0]  # A_pos
+        valid = matched != Matcher.BETWEEN_THRESHOLDS  # A_pos and A_neg
+        gt_boxes = target["boxes"][matched[pos]]  # (P, 4)
+        gt_labels = target["labels"][matched[pos]]  # (P,)
+        with torch.no_grad():
+            pred_boxes = box_coder.decode_single(deltas[pos].detach(), anchors_i[pos])  # regressed candidates
+            loc_a = paired_iou(pred_boxes, gt_boxes)  # (P,)
+            cls_c = torch.sigmoid(logits[pos, gt_labels].detach())  # (P,) prob. of the GT class
+            ones = torch.ones_like(loc_a)
+            c = cleanliness(loc_a, cls_c, alpha) if soft_labels else ones  # Eq. 2.3, soft labels
+            r = reweight(loc_a, cls_c, alpha, gamma) if reweighting else ones  # Eq. 2.4
+            t = torch.zeros_like(logits)  # (A, K): A_neg and the other classes keep label 0
+            t[pos, gt_labels] = c
+            w = torch.ones_like(logits[:, 0])  # (A,): negatives keep weight 1
+            w[pos] = r
+        num_pos = max(1, pos.numel())
+        per_anchor = focal_bce(logits[valid], t[valid], focal_alpha, focal_gamma).sum(dim=1)  # (A_valid,)
+        cls_losses.append((w[valid] * per_anchor).sum() / num_pos)  # Eq. 2.5
+        reg_targets = box_coder.encode_single(gt_boxes, anchors_i[pos])
+        reg = F.smooth_l1_loss(deltas[pos], reg_targets, beta=beta, reduction="none").sum(dim=1)  # (P,)
+        reg_losses.append((r * reg).sum() / num_pos)  # Eq. 2.6
+    return {"classification": sum(cls_losses) / len(cls_losses),
+            "bbox_regression": sum(reg_losses) / max(1, len(reg_losses))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pieces: torchvision's RetinaNet head and RPN with the losses above (same parameters)
+# ----------------------------------------------------------------------------------------------
+class NoisyAnchorHead(RetinaNetHead):
+    """RetinaNet's head (same sub-modules, same state-dict keys) whose `compute_loss` is Eq. 2.5-2.6.
+    RetinaNet.compute_loss calls it with the assignment of `model.proposal_matcher`."""
+
+    def __init__(self, head: RetinaNetHead, **loss_kwargs):
+        torch.nn.Module.__init__(self)
+        self.classification_head = head.classification_head
+        self.regression_head = head.regression_head
+        self.loss_kwargs = loss_kwargs
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+        return noisy_anchor_losses(head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, targets,
+                                   matched_idxs, self.regression_head.box_coder, **self.loss_kwargs)
+
+
+class NoisyAnchorRPN(RegionProposalNetwork):
+    """torchvision's RPN with soft labels and re-weighting in its loss (Tables 2.5-2.6). A_pos comes
+    from `proposal_matcher` (TopNMatcher or the IoU Matcher), then the balanced sampler."""
+
+    def __init__(self, rpn: RegionProposalNetwork, alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True):
+        sampler = rpn.fg_bg_sampler
+        super().__init__(rpn.anchor_generator, rpn.head, 0.7, 0.3, sampler.batch_size_per_image,
+                         sampler.positive_fraction, rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh,
+                         rpn.score_thresh)
+        self.proposal_matcher, self.min_size = rpn.proposal_matcher, rpn.min_size
+        self.alpha, self.gamma, self.soft_labels, self.reweighting = alpha, gamma, soft_labels, reweighting
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)  # per image (A,) masks
+        image_of = torch.cat([torch.full_like(lab, i, dtype=torch.long) for i, lab in enumerate(labels)])
+        pos = torch.where(torch.cat(sampled_pos))[0]
+        neg = torch.where(torch.cat(sampled_neg))[0]
+        sampled = torch.cat([pos, neg])
+        objectness = objectness.flatten()
+        regression_targets = torch.cat(regression_targets)
+        with torch.no_grad():
+            # loc_a = IoU(regressed box, GT). Both boxes are decoded from the same anchor and IoU is
+            # invariant to the anchor's shift and axis scaling, so a unit anchor gives the same IoU.
+            unit = pred_bbox_deltas.new_tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(pos), 4)
+            loc_a = paired_iou(self.box_coder.decode_single(pred_bbox_deltas[pos].detach(), unit),
+                               self.box_coder.decode_single(regression_targets[pos], unit))
+            cls_c = torch.sigmoid(objectness[pos].detach())
+            c = cleanliness(loc_a, cls_c, self.alpha) if self.soft_labels else torch.ones_like(loc_a)  # Eq. 2.3
+            r = torch.ones_like(loc_a)
+            if self.reweighting:  # Eq. 2.4, mean 1 over each image's sampled positives
+                for i in image_of[pos].unique():
+                    m = image_of[pos] == i
+                    r[m] = reweight(loc_a[m], cls_c[m], self.alpha, self.gamma)
+            t = torch.cat([c, torch.zeros(len(neg), device=c.device)])
+            w = torch.cat([r, torch.ones(len(neg), device=r.device)])
+        bce = F.binary_cross_entropy_with_logits(objectness[sampled], t, reduction="none")
+        objectness_loss = (w * bce).sum() / max(1, sampled.numel())  # Eq. 2.5
+        box = F.smooth_l1_loss(pred_bbox_deltas[pos], regression_targets[pos], beta=1 / 9, reduction="none").sum(1)
+        box_loss = (r * box).sum() / max(1, sampled.numel())  # Eq. 2.6
+        return objectness_loss, box_loss
+
+
+def build_model(args, num_classes: int) -> torch.nn.Module:
+    """build_detector's RetinaNet (or Faster R-CNN FPN) with the anchor assignment and losses of the
+    flags. The parameters (and so the checkpoints) are those of the plain torchvision model."""
+    model = build_detector(args.arch, num_classes, backbone=args.backbone, norm=args.norm,
+                           trainable_layers=args.trainable_layers, min_size=args.min_size, max_size=args.max_size,
+                           pretrained=args.pretrained, anchor_sizes=args.anchor_sizes)
+    if args.assign == "topn":
+        matcher = TopNMatcher(args.topn)
+    elif args.iou_thresholds is not None:
+        matcher = Matcher(*args.iou_thresholds, allow_low_quality_matches=True)
+    else:
+        matcher = None  # the detector's own: RetinaNet 0.5 / 0.4, RPN 0.7 / 0.3 (Eq. 2.2)
+    if isinstance(model, RetinaNet):
+        model.head = NoisyAnchorHead(model.head, alpha=args.alpha, gamma=args.gamma, soft_labels=args.soft_labels,
+                                     reweighting=args.reweight, focal_alpha=args.focal_alpha,
+                                     focal_gamma=args.focal_gamma, beta=args.smooth_l1_beta)
+        model.proposal_matcher = matcher or model.proposal_matcher
+    else:
+        model.rpn = NoisyAnchorRPN(model.rpn, args.alpha, args.gamma, args.soft_labels, args.reweight)
+        model.rpn.proposal_matcher = matcher or model.rpn.proposal_matcher
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (1x schedule of Sec. 2.5.1) through the shared loop
+# ----------------------------------------------------------------------------------------------
+def train(args, env, model, train_set, out_dir: Path):
+    per_rank = args.batch_size // env.world_size  # --batch-size is the global batch (paper: 8)
+    lr = args.lr * args.batch_size / 8  # linear scaling from the paper's LR at batch 8
+    loader = build_loader(train_set, per_rank, train=True, workers=args.workers, seed=args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, args.iters, warmup_steps=min(args.warmup_iters, args.iters),
+                                warmup_factor=1 / 3, milestones=(args.iters * 2 // 3, args.iters * 8 // 9))  # 120k/160k of 180k
+    resume = out_dir / "checkpoint.pth" if args.resume and (out_dir / "checkpoint.pth").is_file() else None
+    # The loss lives inside the model (NoisyAnchorHead / NoisyAnchorRPN), so the default loss_fn,
+    # model(images, targets), is the method's loss and DDP sees one ordinary forward.
+    train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=math.ceil(args.iters / len(loader)),
+                   max_steps=args.iters, out_dir=out_dir, args=args, amp=args.amp, clip_grad=args.clip_grad,
+                   checkpoint_every=args.checkpoint_every, resume=resume, log_every=args.log_every,
+                   desc=out_dir.name)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: AP, proposal AR (Table 2.5), confidence vs IoU (Table 2.7), PR curves (Fig. 2.2)
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def without_nms(model):
+    """Predictions as they enter NMS: the detector's own post-processing with NMS and the per-image
+    cap switched off (IoU threshold above 1 suppresses nothing)."""
+    post = model if isinstance(model, RetinaNet) else model.roi_heads
+    saved = post.nms_thresh, post.detections_per_img
+    post.nms_thresh, post.detections_per_img = 1.01, 10**9
+    try:
+        yield model
+    finally:
+        post.nms_thresh, post.detections_per_img = saved
+
+
+def confidence_iou_stats(predictions, targets, top_fraction: float = 0.02) -> dict:
+    """Table 2.7: mean confidence and mean IoU (with the best GT of the predicted class) of the
+    `top_fraction` most confident predictions pooled over all images, and their Pearson r."""
+    scores, ious = [], []
+    for p, t in zip(predictions, targets):
+        if len(p["scores"]) == 0:
+            continue
+        iou = box_iou(p["boxes"].float(), t["boxes"].float())  # (D, G)
+        same = p["labels"][:, None] == t["labels"][None, :]
+        best = torch.where(same, iou, torch.zeros_like(iou)).amax(dim=1) if iou.shape[1] else iou.new_zeros(len(iou))
+        scores.append(p["scores"].float())
+        ious.append(best)
+    if not scores:
+        return {"mean_conf": float("nan"), "mean_iou": float("nan"), "pearson_r": float("nan"), "count": 0}
+    scores, ious = torch.cat(scores), torch.cat(ious)
+    k = max(1, math.ceil(top_fraction * len(scores)))
+    top = scores.topk(k).indices
+    s, u = scores[top].double().numpy(), ious[top].double().numpy()
+    r = float(np.corrcoef(s, u)[0, 1]) if k > 1 and s.std() > 0 and u.std() > 0 else float("nan")
+    return {"mean_conf": float(s.mean()), "mean_iou": float(u.mean()), "pearson_r": r, "count": k}
+
+
+class ProposalsOnly(torch.nn.Module):
+    """A Faster R-CNN that returns its RPN proposals (score order, original image coordinates) as
+    `boxes`, so `common.evaluation.predict` can run and gather them."""
+
+    def __init__(self, model: FasterRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        sizes = [im.shape[-2:] for im in images]
+        image_list, _ = self.model.transform(images)
+        proposals, _ = self.model.rpn(image_list, self.model.backbone(image_list.tensors))
+        return self.model.transform.postprocess([{"boxes": b} for b in proposals], image_list.image_sizes, sizes)
+
+
+def proposal_recall(proposals, targets, ks=(100, 300, 1000)) -> dict:
+    """Table 2.5: AR@k = mean over IoU 0.5:0.95 of the recall of all non-crowd GTs by the first k
+    proposals, with greedy one-to-one matching (Detectron's proposal evaluation)."""
+    best = {k: [] for k in ks}  # per k: the IoU each GT is covered with
+    for p, t in zip(proposals, targets):
+        gt = t["boxes"].float()
+        if "iscrowd" in t:
+            gt = gt[torch.as_tensor(t["iscrowd"]) == 0]
+        for k in ks:
+            iou = box_iou(gt, p["boxes"][:k].float())  # (G, k)
+            covered = torch.zeros(len(gt))
+            for _ in range(min(iou.shape)):  # take the best remaining (GT, proposal) pair each time
+                v, j = iou.max(dim=1)
+                g = int(v.argmax())
+                covered[g] = v[g]
+                iou[g, :], iou[:, j[g]] = -1, -1
+            best[k].append(covered)
+    out = {}
+    for k in ks:
+        covered = torch.cat(best[k]) if best[k] else torch.zeros(0)
+        recalls = [(covered >= t).float().mean().item() if len(covered) else 0.0 for t in AR_IOUS]
+        out[f"AR@{k}"] = float(np.mean(recalls))
+    return out
+
+
+PR_PANELS = {  # Fig. 2.2: panel -> curve name -> (IoU index or None for 0.5:0.95, area index, maxDet index)
+    "IoU threshold": {"IoU=0.5": (0, 0, 2), "IoU=0.75": (5, 0, 2), "IoU=0.5:0.95": (None, 0, 2)},
+    "object size": {"small": (None, 1, 2), "medium": (None, 2, 2), "large": (None, 3, 2)},
+    "maxDet": {"maxDet=1": (None, 0, 0), "maxDet=10": (None, 0, 1), "maxDet=100": (None, 0, 2)},
+}
+
+
+def pr_curves(predictions, targets) -> dict:
+    """Fig. 2.2: precision at COCO's 101 recall points, averaged over classes (those with GT), from
+    COCOeval's accumulated `precision` (T, R, K, A, M) for each curve of PR_PANELS."""
+    gt, dets = _coco_tables(predictions, targets)
+    if dets is None or not gt["categories"]:
+        return {}
+    prec = _coco_precision(gt, dets, COCO_IOUS, coco_backend())  # (T, R, K, A, M)
+    out = {}
+    for panel, curves in PR_PANELS.items():
+        for name, (t, a, m) in curves.items():
+            p = prec[:, :, :, a, m] if t is None else prec[t:t + 1, :, :, a, m]  # (T, R, K)
+            valid = p > -1  # -1: class without ground truth in this area range
+            count = valid.sum(axis=(0, 2))
+            curve = np.where(count > 0, np.where(valid, p, 0).sum(axis=(0, 2)) / np.maximum(count, 1), np.nan)
+            out[f"{panel}/{name}"] = [None if np.isnan(v) else float(v) for v in curve]
+    return out
+
+
+def plot_pr_curves(runs: dict, path: Path) -> None:
+    """Fig. 2.2: one panel per PR_PANELS entry; line style per run, colour per curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recall = np.linspace(0, 1, 101)
+    styles = ["--", "-", ":", "-."]
+    fig, axes = plt.subplots(1, len(PR_PANELS), figsize=(4.2 * len(PR_PANELS), 3.6))
+    for ax, (panel, curves) in zip(axes, PR_PANELS.items()):
+        for ci, name in enumerate(curves):
+            for ri, (run_name, pr) in enumerate(runs.items()):
+                y = pr.get(f"{panel}/{name}")
+                if y is None:
+                    continue
+                y = np.array([np.nan if v is None else v for v in y])
+                ax.plot(recall, y, styles[ri % len(styles)], color=f"C{ci}", label=f"{run_name} {name}")
+        ax.set_title(f"PR by {panel}")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.suptitle("Precision vs recall (Fig. 2.2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(args, env, model, val_set) -> dict:
+    """COCO AP; Table 2.7 before / after NMS; Fig. 2.2 curves; Faster R-CNN: proposal AR (Table 2.5)."""
+    model.to(env.device).eval()
+    loader = build_loader(val_set, max(1, args.batch_size // env.world_size), train=False, workers=args.workers)
+    predictions, targets = predict(model, loader, env.device)
+    with without_nms(model):
+        candidates, _ = predict(model, loader, env.device, desc="eval before NMS")
+    results = {"metrics": coco_evaluate(predictions, targets),
+               "table2_7": {"before_nms": confidence_iou_stats(candidates, targets, args.top_fraction),
+                            "after_nms": confidence_iou_stats(predictions, targets, args.top_fraction)},
+               "pr_curves": pr_curves(predictions, targets)}
+    if isinstance(model, FasterRCNN):
+        proposals, _ = predict(ProposalsOnly(model), loader, env.device, desc="proposals")
+        results["proposal_recall"] = proposal_recall(proposals, targets)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def build_datasets(args):
+    kw = dict(num_images=args.synthetic_train, image_size=args.synthetic_size, seed=args.seed)
+    train_set = build_detection_dataset(args.data, args.train_split,
+                                        detection_transforms(True, args.train_scales, args.max_size), **kw)
+    kw["num_images"] = args.synthetic_val
+    val_set = build_detection_dataset(args.data, args.val_split, detection_transforms(False), **kw)
+    return train_set, val_set
+
+
+def run(args, env) -> dict:
+    """Train one detector with the flags' assignment and losses, evaluate it, write results.json."""
+    out = Path(args.output_dir)
+    train_set, val_set = build_datasets(args)
+    t0 = time.time()
+    seed_everything(args.seed)
+    model = build_model(args, len(train_set.classes))
+    train(args, env, model, train_set, out)
+    results = evaluate(args, env, unwrap(model), val_set)
+    results["flags"] = {k: getattr(args, k) for k in ("arch", "assign", "topn", "alpha", "gamma", "soft_labels",
+                                                       "reweight", "backbone", "iters", "seed")}
+    results["minutes"] = (time.time() - t0) / 60
+    if is_main():
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        plot_pr_curves({out.name: results["pr_curves"]}, out / "fig2_2_pr_curves.png")
+    barrier()
+    return results
+
+
+def print_tables(results: dict) -> None:
+    print(f"\n{'method':<16}{'AP':>7}{'AP50':>7}{'AP75':>7}{'APs':>7}{'APm':>7}{'APl':>7}   (%, Table 2.2 / 2.3 style)")
+    for name, r in results.items():
+        m = r["metrics"]
+        print(f"{name:<16}" + "".join(f"{100 * m[k]:>7.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    print(f"\n{'Table 2.7':<16}{'before NMS: conf':>17}{'IoU':>7}{'r':>8}{'after NMS: conf':>17}{'IoU':>7}{'r':>8}")
+    for name, r in results.items():
+        b, a = r["table2_7"]["before_nms"], r["table2_7"]["after_nms"]
+        print(f"{name:<16}{b['mean_conf']:>17.3f}{b['mean_iou']:>7.3f}{b['pearson_r']:>8.3f}"
+              f"{a['mean_conf']:>17.3f}{a['mean_iou']:>7.3f}{a['pearson_r']:>8.3f}")
+    if any("proposal_recall" in r for r in results.values()):
+        print(f"\n{'Table 2.5':<16}{'AR@100':>8}{'AR@300':>8}{'AR@1000':>9}")
+        for name, r in results.items():
+            if "proposal_recall" in r:
+                ar = r["proposal_recall"]
+                print(f"{name:<16}" + "".join(f"{100 * ar[k]:>8.1f}" for k in ("AR@100", "AR@300")) +
+                      f"{100 * ar['AR@1000']:>9.1f}")
+
+
+BASELINE_FLAGS = dict(assign="iou", soft_labels=False, reweight=False)  # --baseline: plain RetinaNet / RPN
+DEMO_DEFAULTS = dict(
+    data="synthetic", synthetic_train=1000, synthetic_val=200, synthetic_size=96, backbone="resnet18", norm="bn",
+    trainable_layers=5, min_size=96, max_size=96, train_scales=[96], anchor_sizes=[16, 32, 64, 128, 256],
+    batch_size=8, lr=0.02, warmup_iters=50, iters=250, workers=1, device="cpu", log_every=10,
+    output_dir="runs/noisy_anchor_demo")
+
+
+def demo(args, env) -> dict:
+    """Table 2.2's comparison and Table 2.7's statistics on synthetic scenes: the RetinaNet baseline
+    (IoU labels, focal loss) and NoisyAnchor, same seed, backbone, data and budget."""
+    t0 = time.time()
+    results = {}
+    for name, flags in (("baseline", BASELINE_FLAGS), ("noisy_anchor", {})):
+        sub = argparse.Namespace(**{**vars(args), **flags, "output_dir": str(Path(args.output_dir) / name)})
+        results[name] = run(sub, env)
+        if is_main():
+            print(f"[demo {time.time() - t0:.0f}s] {name} done")
+    if is_main():
+        out = Path(args.output_dir)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        plot_pr_curves({n: r["pr_curves"] for n, r in results.items()}, out / "fig2_2_pr_curves.png")
+        print_tables(results)
+        print(f"(synthetic {args.synthetic_size}px scenes, {args.backbone}, {args.iters} iterations at batch "
+              f"{args.batch_size}, seed {args.seed}; {time.time() - t0:.0f}s; results.json and "
+              f"fig2_2_pr_curves.png in {out})")
+    return results
+
+
+def plot_only(args) -> None:
+    runs = {}
+    for d in args.plot_pr:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--plot-pr {d}: no results.json there (a finished run of this script writes one)")
+        runs[Path(d).name] = json.loads(path.read_text())["pr_curves"]
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    plot_pr_curves(runs, Path(args.output_dir) / "fig2_2_pr_curves.png")
+    print(f"wrote {Path(args.output_dir) / 'fig2_2_pr_curves.png'}")
+
+
+def main(args) -> dict:
+    if args.plot_pr:
+        return plot_only(args)
+    env = init_distributed(args.device)
+    try:
+        if args.demo:
+            return demo(args, env)
+        results = run(args, env)
+        if is_main():
+            print_tables({Path(args.output_dir).name: results})
+        return results
+    finally:
+        cleanup()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:  # the demo's settings, under any flag given explicitly
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    if args.baseline:
+        vars(args).update(BASELINE_FLAGS)
+    if args.lr is None:
+        args.lr = 0.005 if args.arch == "retinanet" else 0.01  # Sec. 2.5.1
+    if args.topn < 1 or not 0.0 <= args.alpha <= 1.0 or args.gamma < 0:
+        parser.error(f"need --topn >= 1, 0 <= --alpha <= 1 and --gamma >= 0 (got {args.topn}, {args.alpha}, {args.gamma})")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
