@@ -1,0 +1,349 @@
+"""ssod_certainty.py: the contract functions against hand computations (encode/decode round trip,
+Eq. 3.4, Eq. 3.6), the side losses, pseudo labels under per-class thresholds (including images left
+with no box), the online class statistics, splits, smoke runs of teacher and student, a 2-process
+torchrun and an exact resume of the student with its class statistics."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ssod_certainty as sc
+from common.data import SyntheticDetection, detection_transforms, fraction_split
+from common.engine import load_checkpoint
+from conftest import run_torchrun
+
+TINY = ["--data", "synthetic", "--synthetic-train", "20", "--synthetic-val", "4", "--synthetic-size", "64",
+        "--labeled-fraction", "0.2", "--long-tail", "5", "--backbone", "resnet18", "--norm", "bn",
+        "--trainable-layers", "5", "--min-size", "64", "--max-size", "64", "--train-scales", "64",
+        "--anchor-sizes", "16", "32", "64", "128", "256", "--proposals", "50", "--roi-batch", "32",
+        "--batch-size", "2", "--warmup-iters", "1", "--lr", "0.01", "--num-rare", "3", "--heldout-images", "4",
+        "--workers", "0", "--device", "cpu", "--log-every", "1"]
+
+
+def tiny_args(*extra):
+    return sc.parse_args([*TINY, *map(str, extra)])
+
+
+def peaked(bucket_targets, offset_targets, num_buckets):
+    """Interval logits peaked at the targets and offsets holding them: (N, 4, K) each."""
+    logits = torch.full((*bucket_targets.shape, num_buckets), -6.0)
+    logits.scatter_(-1, bucket_targets.unsqueeze(-1), 6.0)
+    offsets = torch.zeros_like(logits).scatter_(-1, bucket_targets.unsqueeze(-1), offset_targets.unsqueeze(-1))
+    return logits, offsets
+
+
+# ---------------------------------------------------------------- localisation as classification
+def test_encode_hand_values():
+    # proposal 0..10: x-segment of x1 is [5 - 8.5, 5] = [-3.5, 5] in 10 intervals of 0.85
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    gt = torch.tensor([[0.0, -3.0, 10.0, 13.0]])
+    buckets, offsets = sc.encode_sides(proposals, gt, num_buckets=10)
+    assert buckets.dtype == torch.long and offsets.dtype == torch.float32
+    assert buckets.shape == offsets.shape == (1, 4)
+    # x1: (0 + 3.5) / 0.85 = 4.118 -> interval 4, offset 0.118 - 0.5; y1: 0.5 / 0.85 = 0.588 -> 0, +0.088
+    # x2: (10 - 5) / 0.85 = 5.88 -> 5, +0.382; y2: 8 / 0.85 = 9.41 -> 9, -0.088
+    assert buckets.tolist() == [[4, 0, 5, 9]]
+    expected = torch.tensor([[3.5 / 0.85 - 4.5, 0.5 / 0.85 - 0.5, 5 / 0.85 - 5.5, 8 / 0.85 - 9.5]])
+    assert torch.allclose(offsets, expected, atol=1e-5)
+
+
+def test_encode_clamps_sides_outside_the_segment():
+    proposals = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    gt = torch.tensor([[-50.0, 14.0, 90.0, 16.0]])  # x1 far left, x2 far right of their segments
+    buckets, offsets = sc.encode_sides(proposals, gt, num_buckets=30)
+    assert buckets[0, 0] == 0 and buckets[0, 2] == 29
+    assert offsets[0, 0] < -0.5 and offsets[0, 2] > 0.5  # measured from the end interval's centre
+    assert torch.isfinite(offsets).all()
+
+
+@pytest.mark.parametrize("num_buckets", [4, 30])
+def test_encode_decode_round_trip(num_buckets):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(64, 2, generator=g) * 100
+    wh = torch.rand(64, 2, generator=g) * 80 + 5
+    proposals = torch.cat([xy, xy + wh], 1)
+    # ground truth inside the segments: sides moved by up to 0.3 of the size, boxes kept non-empty
+    jitter = (torch.rand(64, 4, generator=g) - 0.5) * 0.6 * wh.repeat(1, 2)
+    gt = proposals + jitter
+    buckets, offsets = sc.encode_sides(proposals, gt, num_buckets)
+    assert ((offsets >= -0.5 - 1e-5) & (offsets <= 0.5 + 1e-5)).all()
+    logits, offs = peaked(buckets, offsets, num_buckets)
+    decoded = sc.decode_sides(proposals, logits, offs)
+    assert decoded.shape == (64, 4)
+    size = wh.repeat(1, 2)
+    assert ((decoded - gt).abs() <= 1e-3 * size).all()
+
+
+def test_decode_takes_the_best_interval_and_its_offset():
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    logits = torch.zeros(1, 4, 10)
+    logits[0, :, 2] = 3.0
+    offsets = torch.zeros(1, 4, 10)
+    offsets[0, :, 2] = 0.25
+    offsets[0, :, 7] = 9.0  # another interval's offset is ignored
+    # x1/y1: -3.5 + (2 + 0.5 + 0.25) * 0.85; x2/y2: 5 + 2.75 * 0.85
+    assert torch.allclose(sc.decode_sides(proposals, logits, offsets),
+                          torch.tensor([[-3.5 + 2.3375, -3.5 + 2.3375, 5 + 2.3375, 5 + 2.3375]]))
+
+
+def test_localization_quality_eq_3_4():
+    logits = torch.full((2, 4, 5), -100.0)
+    logits[0, :, 1] = 0.0  # each side's max sigmoid 0.5
+    logits[1, 0, 3] = math.log(3.0)  # sigmoid 0.75
+    logits[1, 1, 0] = 0.0  # 0.5
+    logits[1, 2, 4] = math.log(9.0)  # 0.9
+    logits[1, 3, 2] = -math.log(3.0)  # 0.25
+    v = sc.localization_quality(logits)
+    assert v.shape == (2,)
+    assert torch.allclose(v, torch.tensor([0.5, (0.75 + 0.5 + 0.9 + 0.25) / 4]))
+
+
+# ---------------------------------------------------------------- Eq. 3.6
+def test_dynamic_thresholds_eq_3_6_hand_values():
+    sums, counts = torch.tensor([8.0, 2.0, 5.0]), torch.tensor([10.0, 4.0, 16.0])  # mean count 10
+    tau_m, mu_m = sc.dynamic_thresholds(sums, counts, tau=0.7, gamma1=0.05, gamma2=0.6)
+    expected_tau = torch.tensor([0.8 ** 0.05 * 0.7, 0.2 ** 0.05 * 0.7, 0.5 ** 0.05 * 0.7], dtype=torch.float64)
+    expected_mu = torch.tensor([1.25 ** 0.6, 5.0 ** 0.6, 2.0 ** 0.6], dtype=torch.float64)
+    assert torch.allclose(tau_m, expected_tau) and torch.allclose(mu_m, expected_mu)
+    assert tau_m[1] < tau_m[2] < tau_m[0] and mu_m[1] > mu_m[2] > mu_m[0]  # rarer: lower tau, larger mu
+
+
+def test_dynamic_thresholds_clip_and_switches():
+    sums, counts = torch.tensor([100.0, 0.01]), torch.tensor([100.0, 1.0])
+    tau_m, _ = sc.dynamic_thresholds(sums, counts, gamma1=1.0)
+    assert tau_m.tolist() == [0.9, 0.4]  # clipped to [0.4, 0.9]
+    tau_m, mu_m = sc.dynamic_thresholds(sums, counts, gamma1=0.0, gamma2=0.0)  # Table 3.7: 0 disables
+    assert torch.allclose(tau_m, torch.full((2,), 0.7, dtype=torch.float64)) and torch.equal(mu_m, torch.ones(2, dtype=torch.float64))
+    tau_m, _ = sc.dynamic_thresholds(sums, counts, tau=0.7, gamma1=1.0, clip=(0.1, 0.95))
+    assert tau_m[0] == 0.95
+
+
+def test_dynamic_thresholds_unseen_classes_are_finite():
+    # class 3 never seen: it takes the rarest seen class's (class 2's) threshold and weight
+    tau_m, mu_m = sc.dynamic_thresholds(torch.tensor([9.0, 1.0, 0.0]), torch.tensor([12.0, 3.0, 0.0]))
+    assert torch.isfinite(mu_m).all() and tau_m[2] == tau_m[1] and mu_m[2] == mu_m[1]
+    # nothing seen yet: the static threshold and weight 1
+    tau_m, mu_m = sc.dynamic_thresholds(torch.zeros(4), torch.zeros(4), tau=0.7)
+    assert torch.allclose(tau_m, torch.full((4,), 0.7, dtype=torch.float64)) and torch.equal(mu_m, torch.ones(4, dtype=torch.float64))
+
+
+def test_class_statistics_update_and_state():
+    stats = sc.ClassStatistics(3)
+    stats.update(torch.tensor([1, 3, 3]), torch.tensor([0.5, 0.25, 0.75]))
+    stats.update(torch.zeros(0, dtype=torch.long), torch.zeros(0))  # a step without foreground
+    assert stats.score_sums.tolist() == [0.5, 0.0, 1.0] and stats.counts.tolist() == [1.0, 0.0, 2.0]
+    copy = sc.ClassStatistics(3)
+    copy.load_state_dict(stats.state_dict())
+    assert torch.equal(copy.score_sums, stats.score_sums) and torch.equal(copy.counts, stats.counts)
+    tau_m, mu_m = copy.thresholds(0.7, 0.05, 0.6, (0.4, 0.9))
+    assert torch.allclose(tau_m, sc.dynamic_thresholds(stats.score_sums, stats.counts)[0])
+
+
+# ---------------------------------------------------------------- losses
+def test_side_losses_hand_values():
+    logits = torch.zeros(1, 4, 3)
+    offsets = torch.zeros(1, 4, 3)
+    offsets[0, :, 1] = 0.3
+    buckets = torch.ones(1, 4, dtype=torch.long)
+    offset_t = torch.full((1, 4), 0.1)
+    bce, reg = sc.side_losses(logits, offsets, buckets, offset_t, torch.tensor([2.0]), num_samples=4)
+    # BCE at logit 0: log 2 per interval, 3 intervals x 4 sides, weight 2, / (4 x 4 RoIs)
+    assert torch.isclose(bce, torch.tensor(2 * 12 * math.log(2) / 16))
+    # SmoothL1 (beta 0.1) of 0.2 at the target interval: 0.2 - 0.05, 4 sides, weight 2, / 16
+    assert torch.isclose(reg, torch.tensor(2 * 4 * 0.15 / 16))
+    empty = sc.side_losses(torch.zeros(0, 4, 3), torch.zeros(0, 4, 3), torch.zeros(0, 4, dtype=torch.long),
+                           torch.zeros(0, 4), torch.zeros(0), num_samples=8)
+    assert all(float(x) == 0.0 for x in empty)
+
+
+def test_weighted_classification_loss():
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 3])
+    ones = sc.classification_loss(logits, labels, torch.ones(5))
+    assert torch.isclose(ones, F.cross_entropy(logits, labels))
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0, 0.5])
+    assert torch.isclose(sc.classification_loss(logits, labels, w),
+                         (w * F.cross_entropy(logits, labels, reduction="none")).mean())
+
+
+# ---------------------------------------------------------------- detector and pseudo labels
+def tiny_detector(certainty_aware=True):
+    torch.manual_seed(0)
+    flags = [] if certainty_aware else ["--no-certainty-aware"]
+    return sc.build_ssod_detector(tiny_args(*flags), num_classes=8)
+
+
+def synthetic_batch(n=2):
+    ds = SyntheticDetection(n, 64, seed=3, transforms=detection_transforms(True, (64,), 64))
+    images, targets = zip(*(ds[i] for i in range(n)))
+    return list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+
+
+@pytest.mark.parametrize("certainty_aware", [True, False])
+def test_empty_pseudo_boxes_give_finite_losses(certainty_aware):
+    model = tiny_detector(certainty_aware).train()
+    images, targets = synthetic_batch()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                  "weights": torch.zeros(0), "loss_weight": 1.0}
+    losses = model(images, targets)
+    box_terms = {"loss_bucket", "loss_offset"} if certainty_aware else {"loss_box_reg"}
+    assert box_terms <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    # every image empty: still finite
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    assert all(torch.isfinite(v) for v in model(images, empty).values())
+
+
+def test_foreground_rois_feed_class_statistics_and_weights_scale_losses():
+    model = tiny_detector().train()
+    model.roi_heads.class_stats = stats = sc.ClassStatistics(8)
+    images, targets = synthetic_batch()
+    torch.manual_seed(1)
+    base = model(images, targets)
+    n_fg = stats.counts.sum()
+    assert n_fg > 0 and 0 < stats.score_sums.sum() < n_fg  # p * v in (0, 1) per foreground RoI
+    seen = {int(c) for t in targets for c in t["labels"]}
+    assert {i + 1 for i in torch.nonzero(stats.counts).flatten().tolist()} <= seen
+    model.roi_heads.class_stats = None
+    torch.manual_seed(1)
+    doubled = model(images, [{**t, "weights": torch.full((len(t["labels"]),), 2.0)} for t in targets])
+    # mu_m scales foreground terms only: the localisation terms double exactly
+    assert torch.isclose(doubled["loss_bucket"], 2 * base["loss_bucket"])
+    assert torch.isclose(doubled["loss_offset"], 2 * base["loss_offset"])
+    torch.manual_seed(1)
+    halved = model(images, [{**t, "loss_weight": 0.5} for t in targets])  # lambda_u: whole image
+    assert torch.isclose(halved["loss_classifier"], 0.5 * base["loss_classifier"])
+    assert torch.isclose(halved["loss_objectness"], base["loss_objectness"])  # RPN not scaled (CHOICE)
+
+
+def test_inference_ranks_by_p_times_v():
+    model = tiny_detector().eval()
+    model.roi_heads.score_thresh = 0.0
+    images, _ = synthetic_batch(1)
+    with torch.no_grad():
+        out = model(images)[0]
+    assert set(out) >= {"boxes", "labels", "scores", "class_scores", "quality"}
+    assert len(out["scores"]) > 0
+    assert torch.allclose(out["scores"], out["class_scores"] * out["quality"])
+    assert (out["labels"] >= 1).all() and (out["labels"] <= 8).all()
+    assert (out["scores"][:-1] >= out["scores"][1:]).all()
+
+
+class FixedTeacher(nn.Module):
+    """Returns the same detections for every image (stands in for the teacher)."""
+
+    def __init__(self, detections):
+        super().__init__()
+        self.detections = detections
+
+    def forward(self, images):
+        return [self.detections for _ in images]
+
+
+def test_pseudo_labels_per_class_thresholds_and_empty_images():
+    det = {"boxes": torch.tensor([[0, 0, 5, 5], [1, 1, 6, 6], [2, 2, 9, 9.0]]),
+           "labels": torch.tensor([1, 2, 2]), "scores": torch.tensor([0.6, 0.45, 0.3])}
+    tau_m = torch.tensor([0.5, 0.4])
+    (kept,) = sc.pseudo_label(FixedTeacher(det), [torch.zeros(3, 8, 8)], tau_m)
+    assert kept["labels"].tolist() == [1, 2] and kept["boxes"].shape == (2, 4)
+    (none,) = sc.pseudo_label(FixedTeacher(det), [torch.zeros(3, 8, 8)], torch.tensor([0.9, 0.9]))
+    assert none["boxes"].shape == (0, 4) and none["labels"].shape == (0,)
+    assert sc.pseudo_label(FixedTeacher(det), [], tau_m) == []
+
+
+def test_student_loss_with_no_pseudo_boxes_is_finite():
+    model = tiny_detector().train()
+    images, targets = synthetic_batch()
+    nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+    targets[1] = {"weak_image": images[1]}  # an unlabelled image
+    stats = sc.ClassStatistics(8)
+    model.roi_heads.class_stats = stats
+    losses = sc.student_loss(model, images, targets, teacher=FixedTeacher(nothing), class_stats=stats,
+                             args=tiny_args())
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert stats.counts.sum() > 0  # the labelled image's foreground still counts
+
+
+# ---------------------------------------------------------------- data
+def test_split_same_across_reruns_and_saved(tmp_path):
+    args = tiny_args("--output-dir", tmp_path)
+    train = SyntheticDetection(20, 64, seed=1)
+    a = sc.make_split(args, train)
+    b = sc.make_split(args, train)
+    assert a == b and a == fraction_split(train, 0.2, 0)
+    assert len(a[0]) == 4 and not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 20
+    saved = json.loads((tmp_path / "split_0.2_seed0.json").read_text())
+    assert saved == {"labeled": a[0], "unlabeled": a[1]}
+    args.split_file, args.seed = str(tmp_path / "split_0.2_seed0.json"), 5  # a saved split wins over the seed
+    assert sc.make_split(args, train) == a
+
+
+def test_strong_view_keeps_weak_geometry():
+    args = tiny_args()
+    labeled = SyntheticDetection(2, 64, seed=1)
+    ds = sc.SemiSupervisedSet(labeled, SyntheticDetection(2, 64, seed=2), detection_transforms(True, (64,), 64),
+                              sc.strong_augmentation(args))
+    image, target = ds[0]
+    assert set(target) == {"boxes", "labels", "image_id"}
+    image, target = ds[3]
+    assert set(target) == {"image_id", "weak_image"} and image.shape == target["weak_image"].shape
+    off = sc.strong_augmentation(tiny_args("--no-color-jitter", "--no-blur", "--no-cutout"))
+    assert torch.equal(off(image), image)
+
+
+# ---------------------------------------------------------------- runs
+def test_smoke_teacher_and_student(tmp_path):
+    results = sc.main(tiny_args("--teacher-iters", "2", "--student-iters", "2", "--output-dir", tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("teacher", "teacher_heldout", "student"):
+        assert {"AP", "AP50", "AP75", "AP_rare", "AP@0.5", "AP@0.95"} <= set(saved[key])
+    assert len(saved["rare_labels"]) == 3 and len(saved["class_stats"]["tau_m"]) == 8
+    assert (tmp_path / "fig3_2_ap_vs_iou.png").is_file()
+    assert (tmp_path / "fig3_3_pseudo_box_localization.png").is_file()
+    ckpt = load_checkpoint(tmp_path / "student" / "checkpoint.pth")
+    assert ckpt["step"] == 2 and set(ckpt["extra"]) == {"class_stats", "teacher"}
+    assert ckpt["extra"]["class_stats"]["counts"].sum() > 0
+    assert results["class_stats"]["counts"] == ckpt["extra"]["class_stats"]["counts"].tolist()
+
+
+def test_resume_student_with_class_statistics(tmp_path, monkeypatch):
+    flags = ("--teacher-iters", "2", "--student-iters", "4", "--heldout-images", "0")
+    full, part = tmp_path / "full", tmp_path / "part"
+    sc.main(tiny_args(*flags, "--output-dir", full))
+    real = sc.train_detector
+    monkeypatch.setattr(sc, "train_detector", lambda *a, **k: real(*a, **{**k, "max_steps": min(k["max_steps"], 2)}))
+    sc.main(tiny_args(*flags, "--output-dir", part))  # the student "interrupted" after 2 of 4 steps
+    assert load_checkpoint(part / "student" / "checkpoint.pth")["step"] == 2
+    monkeypatch.setattr(sc, "train_detector", real)
+    sc.main(tiny_args(*flags, "--output-dir", part, "--resume"))
+    a, b = load_checkpoint(full / "student" / "checkpoint.pth"), load_checkpoint(part / "student" / "checkpoint.pth")
+    assert b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in ("score_sums", "counts"):
+        assert torch.equal(a["extra"]["class_stats"][k], b["extra"]["class_stats"][k]), k
+
+
+def test_torchrun_two_processes(tmp_path):
+    run_torchrun(["ssod_certainty.py", *TINY, "--batch-size", "4", "--teacher-iters", "2", "--student-iters", "2",
+                  "--output-dir", tmp_path])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "AP" in saved["student"] and saved["class_stats"]["counts"]
+    assert json.loads((tmp_path / "split_0.2_seed0.json").read_text())["labeled"] == \
+        fraction_split(SyntheticDetection(20, 64), 0.2, 0)[0]
+
+
+def test_flags_and_demo_defaults():
+    p = sc.parse_args([])
+    assert (p.num_buckets, p.tau, p.gamma1, p.gamma2, tuple(p.tau_clip), p.lambda_u) == (30, 0.7, 0.05, 0.6, (0.4, 0.9), 1.0)
+    assert (p.lr, p.batch_size, p.student_iters, p.certainty_aware, p.reweight, p.dynamic_threshold) == \
+        (0.01, 8, 180_000, True, True, True)
+    off = sc.parse_args(["--no-certainty-aware", "--no-reweight", "--no-dynamic-threshold", "--no-cutout"])
+    assert not (off.certainty_aware or off.reweight or off.dynamic_threshold or off.cutout)
+    d = sc.parse_args(["--demo", "--student-iters", "3"])
+    assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 10
+    assert isinstance(d, argparse.Namespace)
