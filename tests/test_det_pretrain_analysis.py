@@ -1,0 +1,287 @@
+"""det_pretrain_analysis.py: the contract functions against brute force, the probe and the AP curve,
+a smoke run of every experiment, a 2-process torchrun of detection fine-tuning, and bad inputs."""
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import det_pretrain_analysis as dpa
+from common.detectors import build_classifier, build_detector
+from conftest import run_torchrun
+
+
+# --------------------------------------------------------------------------------------------
+# comembership
+# --------------------------------------------------------------------------------------------
+def _brute_comembership(a, b):
+    same_a = same_b = both = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        sa, sb = a[i] == a[j], b[i] == b[j]
+        same_a += sa
+        same_b += sb
+        both += sa and sb
+    return (both / same_a if same_a else math.nan, both / same_b if same_b else math.nan)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_comembership_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    a, b = rng.integers(0, int(rng.integers(1, 8)), n), rng.integers(0, int(rng.integers(1, 8)), n) * 7 - 3
+    assert dpa.comembership(a, b) == pytest.approx(_brute_comembership(a, b), nan_ok=True)
+
+
+def test_comembership_identical_and_relabelled_clusterings():
+    a = np.array([0, 0, 1, 1, 1, 2, 5, 5])
+    assert dpa.comembership(a, a) == (1.0, 1.0)
+    assert dpa.comembership(a, 10 - a) == (1.0, 1.0)  # the same partition under other names
+
+
+def test_comembership_nested_clusterings_are_asymmetric():
+    fine = np.array([0, 0, 1, 1, 2, 2])
+    coarse = np.array([0, 0, 0, 0, 1, 1])
+    p_coarse_given_fine, p_fine_given_coarse = dpa.comembership(fine, coarse)
+    assert p_coarse_given_fine == 1.0  # together in the fine one -> together in the coarse one
+    assert p_fine_given_coarse == pytest.approx(3 / 7)  # 7 coarse pairs, 3 of them fine pairs
+
+
+def test_comembership_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="different images"):
+        dpa.comembership([0, 1, 1], [0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# mask_out_map
+# --------------------------------------------------------------------------------------------
+class RegionModel(nn.Module):
+    """Logit of class 0 = 10 * (mean of channel 0 over rows 10-19, cols 30-39) - 5; class 1: 0."""
+
+    def forward(self, x):
+        m = x[:, 0, 10:20, 30:40].mean((1, 2))
+        return torch.stack([10 * m - 5, torch.zeros_like(m)], 1)
+
+
+def _brute_mask_out(model, image, target, patch, stride):
+    _, H, W = image.shape
+    out = torch.zeros(len(range(0, H, stride)), len(range(0, W, stride)))
+    for r, cy in enumerate(range(0, H, stride)):
+        for c, cx in enumerate(range(0, W, stride)):
+            x = image.clone()
+            y0, x0 = cy - patch // 2, cx - patch // 2
+            x[:, max(0, y0):max(0, y0 + patch), max(0, x0):max(0, x0 + patch)] = 0
+            out[r, c] = model(x[None]).softmax(1)[0, target]
+    return out
+
+
+@pytest.mark.parametrize("patch,stride", [(8, 1), (12, 3), (60, 7)])
+def test_mask_out_map_on_a_model_of_one_region(patch, stride):
+    model, image = RegionModel(), torch.ones(3, 32, 48)
+    m = dpa.mask_out_map(model, image, 0, patch=patch, stride=stride, batch_size=17)
+    assert m.shape == (math.ceil(32 / stride), math.ceil(48 / stride))
+    torch.testing.assert_close(m, _brute_mask_out(model, image, 0, patch, stride))
+    high, low = torch.sigmoid(torch.tensor(5.0)), torch.sigmoid(torch.tensor(-5.0))
+    assert torch.isclose(m.max(), high)  # a patch away from the region changes nothing
+    if patch >= 10:
+        assert torch.isclose(m.min(), low)  # a patch over the whole region removes the evidence
+    # a patch centred far from the region (top-left corner) leaves it whole
+    assert torch.isclose(m[0, 0], high) or patch == 60
+
+
+def test_mask_out_map_exact_positions():
+    model, image = RegionModel(), torch.ones(3, 32, 48)
+    m = dpa.mask_out_map(model, image, 0, patch=10, stride=1)
+    # the region is rows 10..19, cols 30..39: centred at (15, 35) a 10x10 patch covers it exactly
+    assert torch.isclose(m[15, 35], torch.sigmoid(torch.tensor(-5.0)))
+    # centred at (4, 35) the patch spans rows -1..8: no overlap
+    assert torch.isclose(m[4, 35], torch.sigmoid(torch.tensor(5.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# linear probe, AP curve, cluster grid, category removal
+# --------------------------------------------------------------------------------------------
+def test_linear_probe_on_separable_features():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (4, 16))
+    y = rng.integers(0, 4, 400)
+    x = centres[y] + rng.normal(0, 0.5, (400, 16))
+    acc, linear = dpa.linear_probe(x[:300], y[:300], x[300:], y[300:])
+    assert acc > 0.97
+    # the returned nn.Linear (standardisation folded in) predicts like the probe
+    pred = linear(torch.as_tensor(x[300:], dtype=torch.float32)).argmax(1).numpy()
+    assert (pred == y[300:]).mean() > 0.97
+
+
+def test_linear_probe_binary_gives_two_logits():
+    x = np.r_[np.zeros((20, 3)), np.ones((20, 3))] + np.random.default_rng(1).normal(0, 0.1, (40, 3))
+    y = np.r_[np.zeros(20, int), np.ones(20, int)]
+    acc, linear = dpa.linear_probe(x, y, x, y)
+    assert acc == 1.0 and linear.out_features == 2
+    assert (linear(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy() == y).all()
+
+
+def test_linear_probe_class_missing_from_training():
+    x = np.r_[np.zeros((10, 2)), np.ones((10, 2)) * 5]
+    y = np.r_[np.zeros(10, int), np.full(10, 3)]
+    acc, linear = dpa.linear_probe(x, y, x, y, num_classes=5)
+    assert acc == 1.0 and linear.out_features == 5
+    assert (linear(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy() == y).all()
+
+
+def test_ap_vs_iou_is_non_increasing():
+    rng = np.random.default_rng(0)
+    preds, tgts = [], []
+    for _ in range(12):
+        gt = rng.uniform(0, 60, (4, 2))
+        gt = np.c_[gt, gt + rng.uniform(10, 40, (4, 2))]
+        labels = rng.integers(1, 4, 4)
+        det = np.repeat(gt, 3, 0) + rng.normal(0, 4, (12, 4))
+        tgts.append({"boxes": torch.tensor(gt, dtype=torch.float32), "labels": torch.tensor(labels)})
+        preds.append({"boxes": torch.tensor(det, dtype=torch.float32), "labels": torch.tensor(np.repeat(labels, 3)),
+                      "scores": torch.tensor(rng.uniform(0, 1, 12), dtype=torch.float32)})
+    curve = dpa.ap_vs_iou(preds, tgts, [0.1 * i for i in range(1, 10)])
+    maps = [curve[t]["mAP"] for t in sorted(curve)]
+    assert maps[0] > 0.5 and maps[-1] < maps[0]
+    assert all(b <= a + 1e-12 for a, b in zip(maps, maps[1:]))
+
+
+def test_cluster_counts_grid():
+    ks = dpa.cluster_counts(5000, 1000, 12)
+    assert ks[0] == 2 and ks[-1] == 1000 and 4 in ks and ks == sorted(set(ks))
+    assert dpa.cluster_counts(10, 1000, 12)[-1] == 5  # at most n / 2 clusters
+
+
+def test_without_categories_drops_every_image_holding_them():
+    from common.data import SyntheticDetection
+
+    ds = SyntheticDetection(30, 64, seed=3)
+    keep = dpa.without_categories(ds, ["star", "triangle"])
+    star, tri = ds.classes.index("star") + 1, ds.classes.index("triangle") + 1
+    for i in range(len(ds)):
+        present = set(ds.annotations(i)["labels"].tolist())
+        assert (i in keep) == (not present & {star, tri})
+    with pytest.raises(ValueError, match="not classes"):
+        dpa.without_categories(ds, ["zebra"])
+
+
+# --------------------------------------------------------------------------------------------
+# networks: parsing, loading, bad inputs
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    cls = d / "cls.pth"
+    torch.save({"model": build_classifier("resnet18", 8).state_dict(), "args": {}}, cls)
+    det = d / "det.pth"
+    torch.save({"model": build_detector("faster_rcnn_fpn", 8, backbone="resnet18").state_dict()}, det)
+    return cls, det
+
+
+def test_parse_net():
+    assert dpa.parse_net("a=x/y.pth") == ("a", "x/y.pth", "auto")
+    assert dpa.parse_net("a=x/y.pth:det") == ("a", "x/y.pth", "det")
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        dpa.parse_net("x/y.pth")
+
+
+def test_load_net_kinds_and_shared_backbone(nets):
+    cls, det = nets
+    a, b = dpa.load_net(f"a={cls}", "resnet18"), dpa.load_net(f"b={det}", "resnet18")
+    assert (a.kind, b.kind) == ("cls", "det") and a.detector is None and b.detector is not None
+    assert set(a.backbone) == set(b.backbone) and not any(k.startswith("fc.") for k in a.backbone)
+    assert dpa.head_detector(b, "resnet18", 64) is not None and dpa.head_detector(a, "resnet18", 64) is None
+
+
+def test_load_net_bad_inputs(nets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        dpa.load_net(f"a={tmp_path / 'missing.pth'}", "resnet18")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load"):
+        dpa.load_net(f"a={bad}", "resnet18")
+    with pytest.raises(ValueError, match="--backbone"):
+        dpa.load_net(f"a={nets[0]}", "resnet50")
+
+
+def test_detection_head_features_shapes(nets):
+    det = dpa.head_detector(dpa.load_net(f"b={nets[1]}", "resnet18"), "resnet18", 64)
+    f = dpa.detection_head_features(det, torch.rand(2, 3, 64, 64))
+    dims = {"Conv5 (avg)": 512, "ConvProj (256,14,14)": 256 * 14 * 14, "ConvProj (256,4,4)": 256 * 16,
+            "ConvProj (256,2,2)": 256 * 4, "ConvProj (256)": 256, "FC1 (1024)": 1024, "FC2 (1024)": 1024}
+    assert {k: tuple(v.shape) for k, v in f.items()} == {k: (2, d) for k, d in dims.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# smoke run of every experiment, and torchrun
+# --------------------------------------------------------------------------------------------
+TINY = ["--backbone", "resnet18", "--device", "cpu", "--workers", "0", "--synthetic-size", "64",
+        "--synthetic-train", "16", "--synthetic-test", "12", "--synthetic-pretrain", "24",
+        "--det-scales", "64", "--det-max-size", "64", "--det-test-size", "64",
+        "--anchor-sizes", "8", "16", "32", "64", "128", "--box-batch-per-image", "16", "--test-proposals", "20",
+        "--det-epochs", "1", "--det-lr-steps", "1", "--det-batch-size", "4", "--det-warmup", "2",
+        "--cls-epochs", "1", "--cls-batch-size", "8", "--cls-size", "64",
+        "--kmeans-max", "6", "--kmeans-points", "3", "--pairs", "2", "--mask-patch", "20", "--mask-stride", "16",
+        "--vis-images", "2", "--pretrain-steps", "2", "--pretrain-batch-size", "4", "--pretrain-norm", "bn"]
+
+
+@pytest.fixture(scope="module")
+def smoke(nets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cls, det = nets
+    args = dpa.get_args_parser().parse_args(TINY + ["--net", f"cls={cls}", "--net", f"det={det}", "--out", str(out),
+                                                    "--remove-categories", "star"])
+    return out, dpa.main(args)
+
+
+def test_smoke_detection(smoke):
+    out, res = smoke
+    for name in ("cls", "det"):
+        m = res["detection"][name]["mAP"]
+        assert set(m) >= {f"{0.1 * i:.1f}".rstrip("0") for i in range(1, 10)} and all(0 <= v <= 1 for v in m.values())
+    assert (out / "fig1_ap_vs_iou.png").is_file()
+
+
+def test_smoke_classification_and_probes(smoke):
+    _, res = smoke
+    for exp in ("classification", "probes"):
+        assert set(res[exp]) == {"cls", "det"} and all(0 <= r["top1"] <= 1 for r in res[exp].values())
+    assert set(res["head-probes"]) == {"det"} and set(res["head-probes"]["det"]) == set(dpa.HEAD_FEATURES)
+
+
+def test_smoke_features_and_visualisation(smoke):
+    out, res = smoke
+    curve = res["features"]["pairs"]["cls|det"]
+    assert curve["k"] == res["features"]["cluster_counts"]
+    for name in ("fig6_comembership.png", "fig7_tsne.png", "fig3_pairs_cls_vs_det.png",
+                 "fig4_activation_maps.png", "fig5_mask_out.png"):
+        assert (out / name).is_file(), name
+    assert all(0 <= r["min"] <= r["mean"] <= 1 for rows in res["visualisation"].values() for r in rows)
+
+
+def test_smoke_removal_and_report(smoke):
+    out, res = smoke
+    rows = res["removal"]["AP@0.7"]
+    assert set(rows) == {"cls", "det", "det w/o star"} and all(set(r) == {"star", "mean"} for r in rows.values())
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == set(dpa.EXPERIMENTS)
+    md = (out / "report.md").read_text()
+    for table in ("Table 1", "Table 2", "Table 5", "Table 6", "Table 8", "Fig. 6"):
+        assert table in md
+
+
+def test_main_needs_two_networks(nets):
+    with pytest.raises(SystemExit, match="two or more"):
+        dpa.main(dpa.get_args_parser().parse_args(["--net", f"a={nets[0]}"]))
+
+
+def test_torchrun_detection_finetuning(nets, tmp_path, root):
+    cls, det = nets
+    run_torchrun([root / "det_pretrain_analysis.py", *TINY, "--net", f"cls={cls}", "--net", f"det={det}",
+                  "--experiments", "detection", "--out", tmp_path])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]["detection"]) == {"cls", "det"}
+    assert (tmp_path / "detection" / "det" / "checkpoint.pth").is_file()
