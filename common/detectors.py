@@ -99,7 +99,8 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
     - `box_head`: "2mlp" (torchvision's TwoMLPHead) or "4conv1fc" (4 conv 3x3 with BN + fc 1024).
     - `anchor_sizes`: base anchor size per pyramid level (defaults: torchvision's, 32..512); small
       synthetic images want smaller ones.
-    - `pretrained`: None, "torchvision" (ImageNet weights from the local hub cache), or a path
+    - `pretrained`: None, "torchvision" (ImageNet weights from the local hub cache), "timm:<name>"
+      (timm's weights, e.g. "timm:resnet50.a1_in1k", from the local Hugging Face cache), or a path
       given to `load_weights` (any classifier/detector checkpoint; class-specific layers skipped).
     - Training images are resized by the data pipeline (`common.data.detection_transforms`), so the
       model's own training-time resize is skipped; at evaluation it resizes to `min_size` and maps
@@ -200,6 +201,10 @@ class LoadReport:
 
 
 def _state_dict_from(source) -> dict:
+    if isinstance(source, str) and source.startswith("timm:"):  # timm weights from the local HF cache
+        import timm
+
+        return timm.create_model(source[len("timm:"):], pretrained=True).state_dict()
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -219,7 +224,7 @@ def _state_dict_from(source) -> dict:
 
 
 def load_weights(model: nn.Module, source, skip_class_specific: bool = True, verbose: bool = True) -> LoadReport:
-    """Copy every tensor of `source` that has a place in `model`, matching by canonical name
+    """Copy every tensor of `source` (a path, "timm:<name>", or a state dict) that has a place in `model`, matching by canonical name
     (plain ResNet <-> FPN detector <-> C4 detector) and shape. Class-specific layers (box/mask
     predictors, RetinaNet's class logits, a classifier's fc) are skipped when
     `skip_class_specific`. Raises ValueError when nothing fits."""

@@ -100,3 +100,13 @@ def test_bad_checkpoints_are_refused(tmp_path):
     torch.save(big.state_dict(), tmp_path / "r50.pth")
     report = load_weights(model, tmp_path / "r50.pth", verbose=False)  # r50 -> r18: shapes differ
     assert any(r == "shape mismatch" for _, r in report.skipped)
+
+
+def test_timm_resnet_keys_map_into_detectors():
+    import timm
+
+    src = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    det = build_detector("faster_rcnn_c4", 3, backbone="resnet18")
+    report = load_weights(det, src.state_dict(), verbose=False)
+    assert not [k for k in report.missing if k.startswith(("backbone.body.", "roi_heads.box_head."))]
+    assert torch.equal(det.roi_heads.box_head.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
