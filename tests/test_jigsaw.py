@@ -1,8 +1,6 @@
 """jigsaw.py: sample extraction, assembly layout, Eq. 1-2, the losses, and smoke runs of every stage
 (pre-training with resume, fine-tuning, scratch, ERF figure, benchmark, 2-process torchrun)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from torchvision.ops import box_iou
 import jigsaw
 from common.data import SyntheticDetection
 
-from conftest import ROOT, run_torchrun
+from conftest import run_torchrun
 
 
 # --- Sec. 3.1: sample selection -------------------------------------------------------------------
@@ -174,7 +172,7 @@ def test_effective_receptive_fields_match_single_position_gradients():
 
 # --- smoke runs of every stage -------------------------------------------------------------------
 SMALL = ["--data", "synthetic", "--num-images", "24", "--image-size", "64", "--backbone", "resnet18",
-         "--input-size", "64", "--split", "32", "--batch-size", "4", "--warmup-iters", "2", "--erf-every", "2",
+         "--input-size", "64", "--split", "32", "--batch-size", "4", "--warmup-iters", "2", "--erf-every", "1",
          "--erf-images", "1", "--workers", "0", "--device", "cpu", "--log-every", "1",
          "--train-split", "train", "--val-split", "val"]
 DET = ["--arch", "faster_rcnn_fpn", "--det-epochs", "1", "--det-steps", "1", "--det-batch-size", "4",
@@ -206,19 +204,31 @@ def test_other_strategies_train(tmp_path, strategy):
     assert path.parent.name == f"pretrain_{strategy}" and torch.load(path, weights_only=True)["step"] == 2
 
 
-def test_finetune_scratch_figure_and_benchmark(tmp_path, capsys):
-    args = _args(tmp_path, "--iters", "2", *DET)
-    jigsaw.pretrain(args, _env())
-    tuned = jigsaw.finetune(args, _env())
-    assert 0 <= tuned["AP"] <= 1 and (tmp_path / "finetune" / "metrics.json").is_file()
-    assert "loaded" in capsys.readouterr().out  # the Jigsaw backbone went into the detector
-    scratch = jigsaw.finetune(_args(tmp_path, *DET, "--scratch-budget-s", "1"), _env(), scratch=True)
-    assert scratch["epochs"] >= 1 and (tmp_path / "scratch" / "schedule.json").is_file()
-    outside = jigsaw.erf_figure(args, _env(), {"random": None, "jigsaw": tmp_path / "pretrain" / "checkpoint.pth"},
-                                tmp_path / "fig6.png")
-    assert (tmp_path / "fig6.png").stat().st_size > 1000 and all(0 <= v <= 1 for v in outside.values())
-    result = jigsaw.benchmark(args, _env(), batches=2)
-    assert result["pipeline_images_per_s"] > 0 and result["model_images_per_s"] > 0
+def test_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(jigsaw, "DEMO_DATA", dict(train=16, val=4, image_size=64))
+    tiny = dict(jigsaw.DEMO_SETTINGS, input_size=64, split=32, batch_size=4, iters=2, warmup_iters=1, erf_every=1,
+                erf_images=1, det_epochs=1, det_steps=[1], det_batch_size=4, det_warmup_iters=1, min_size=64, max_size=64)
+    monkeypatch.setattr(jigsaw, "DEMO_SETTINGS", tiny)
+    result = jigsaw.demo(jigsaw.get_args_parser().parse_args(["--demo", "--out", str(tmp_path)]), _env())
+    printed = capsys.readouterr().out
+    assert "loaded" in printed  # the Jigsaw backbone went into the detector (load_weights' report)
+    assert "Table 2" in printed and "Table 5" in printed and "| ERF-adaptive Dense Cls. |" in printed
+    assert set(result["rows"]) == {"erf", "blockwise", "scratch"}
+    assert all(0 <= m["AP"] <= 1 for m in result["rows"].values())
+    assert (tmp_path / "erf_fig6.png").stat().st_size > 1000 and (tmp_path / "scratch" / "schedule.json").is_file()
+    assert all(0 <= v <= 1 for v in result["erf_outside_r1"].values())
+    bench = jigsaw.benchmark(_args(tmp_path, "--samples", str(tmp_path / "samples"), "--data", str(tmp_path / "coco"),
+                                   "--train-split", "train"), _env(), batches=2)
+    assert bench["pipeline_images_per_s"] > 0 and bench["model_images_per_s"] > 0
+
+
+def test_cli_defaults_are_the_papers():
+    a = jigsaw.get_args_parser().parse_args([])
+    assert (a.stage, a.strategy, a.tau, a.erf_every, a.fit) == ("pretrain", "erf", 0.7, 5000, "padcrop")
+    assert (a.iters, a.batch_size, a.lr, a.warmup_iters, a.warmup_lr) == (64000, 512, 0.8, 1250, 0.2)
+    assert (a.weight_decay, a.momentum, a.neg_ratio, a.max_enlarge, tuple(a.scale_range)) == (1e-4, 0.9, 0.1, 2.0, (0.8, 1.5))
+    assert (a.det_epochs, tuple(a.det_steps), a.det_batch_size, a.det_lr) == (13, (9, 12), 16, 0.02)
+    assert (a.min_size, a.max_size, a.backbone) == (800, 1333, "resnet50")
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
