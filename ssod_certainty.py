@@ -1,7 +1,8 @@
 """Rethinking Pseudo Labels for Semi-Supervised Object Detection (Li et al., AAAI 2022).
 
-Paper: https://arxiv.org/abs/2106.00168, also Chapter 3 of Hengduo Li's thesis
-(`../shared/papers/li_thesis_noisy_anchor_ssod_analysis.txt`, Sec. 3.3, Eq. 3.1-3.6).
+Hengduo Li, Zuxuan Wu, Abhinav Shrivastava, Larry S. Davis; https://arxiv.org/abs/2106.00168.
+Also Chapter 3 of Hengduo Li's thesis (`../shared/papers/li_thesis_noisy_anchor_ssod_analysis.txt`,
+Sec. 3.3, Eq. 3.1-3.6, Tables 3.1-3.7).
 
 A teacher Faster R-CNN (R50-FPN) is trained on the labelled images; it labels the weak (flipped)
 view of each unlabelled image, and a student initialised from it is trained on labelled images plus
@@ -54,9 +55,11 @@ CHOICE: the teacher schedule is 600k x fraction iterations (6k/12k/30k/60k for 1
   3.4.1), the student's 180k; LR steps at 2/3 and 8/9 of a schedule (120k/160k of 180k).
 CHOICE: Fig. 3.3's "localisation precision of pseudo boxes" is measured as the teacher's AP at IoU
   0.5 ... 0.95 on the unlabelled images against their held-out ground truth.
-DEVIATION: the plain baseline (`--no-certainty-aware`) is torchvision's regression head with the
-  same weighted losses; with `--no-reweight --no-dynamic-threshold` it is plain pseudo-labelling
-  with a class-score threshold tau.
+CHOICE: detections are ranked, NMS'd and cut at `--test-score-thresh` (0.05 or 0.001, Table 3.2) by
+  p * v; `scores` holds p * v, `class_scores` p and `quality` v.
+CHOICE: `--no-certainty-aware` swaps in torchvision's class-specific regression head (p alone ranks
+  boxes and selects pseudo labels); with `--no-reweight --no-dynamic-threshold` as well, the student
+  is plain pseudo-labelling with threshold tau on p (Table 3.4's first row).
 
 Full scale (COCO-partial 10 %, 8 GPUs, global batch 8 as in Sec. 3.4.1):
   torchrun --nproc_per_node 8 ssod_certainty.py --data /data/coco --labeled-fraction 0.1 \
@@ -65,6 +68,10 @@ VOC07 labelled + VOC12 unlabelled:
   torchrun --nproc_per_node 8 ssod_certainty.py --data /data/VOCdevkit/VOC2007 --train-split trainval \
       --val-split test --unlabeled-data /data/VOCdevkit/VOC2012 --unlabeled-split trainval \
       --labeled-fraction 1 --teacher-iters 10000 --student-iters 90000 --min-size 600 --train-scales 600
+COCO-full + unlabeled2017 (1x; an instances_unlabeled2017.json listing the images, no annotations):
+  torchrun --nproc_per_node 8 ssod_certainty.py --data /data/coco --labeled-fraction 1 \
+      --unlabeled-data /data/coco --unlabeled-split unlabeled2017 --teacher-iters 180000 \
+      --pretrained torchvision --heldout-images 0
 CPU demo (synthetic long-tailed scenes, 10 % labelled; teacher, plain pseudo labels, ours):
   python ssod_certainty.py --demo
 """
@@ -338,14 +345,15 @@ class CertaintyRoIHeads(RoIHeads):
                                    regression_targets, targets)
 
     def box_losses(self, class_logits, box_outputs, proposals, matched_idxs, labels, regression_targets, targets):
+        """Eq. 3.1 with Eq. 3.5 as l_loc; each RoI weighted by mu_m of its matched box (foreground)
+        and by its image's lambda_u. Also adds the foreground RoIs to `class_stats` when set."""
         matched_boxes, weights = [], []
         for t, idx, lab in zip(targets, matched_idxs, labels):
-            n = t["boxes"].shape[0]
-            box_w = t.get("weights", torch.ones(n, device=lab.device))
-            gt = t["boxes"][idx] if n else torch.zeros(idx.numel(), 4, device=lab.device)
-            w = torch.where(lab > 0, box_w[idx] if n else 1.0, 1.0) * float(t.get("loss_weight", 1.0))
-            matched_boxes.append(gt)
-            weights.append(w)
+            boxes, box_w = t["boxes"], t.get("weights", torch.ones(len(t["boxes"]), device=lab.device))
+            if boxes.numel() == 0:  # no (pseudo) box: all RoIs are background; torchvision's stand-in box
+                boxes, box_w = boxes.new_zeros(1, 4), box_w.new_ones(1)
+            matched_boxes.append(boxes[idx])
+            weights.append(torch.where(lab > 0, box_w[idx], 1.0) * float(t.get("loss_weight", 1.0)))
         labels, weights = torch.cat(labels), torch.cat(weights)  # (R,), (R,)
         fg = labels > 0
         losses = {"loss_classifier": classification_loss(class_logits, labels, weights)}
@@ -687,12 +695,12 @@ def main(args) -> dict:
         cleanup()
 
 
-# The CPU demo: small synthetic long-tailed scenes, ResNet-18 from scratch, 200 steps per stage.
+# The CPU demo: small synthetic long-tailed scenes, ResNet-18 from scratch, 150 steps per stage.
 DEMO_DEFAULTS = dict(
-    data="synthetic", long_tail=10.0, synthetic_train=800, synthetic_val=200, synthetic_size=64,
+    data="synthetic", long_tail=10.0, synthetic_train=800, synthetic_val=100, synthetic_size=64,
     labeled_fraction=0.1, backbone="resnet18", norm="bn", trainable_layers=5, min_size=64, max_size=64,
     train_scales=[64], anchor_sizes=[16, 32, 64, 128, 256], proposals=100, roi_batch=64, batch_size=4, lr=0.02,
-    warmup_iters=50, teacher_iters=200, student_iters=200, num_rare=3, heldout_images=200, workers=1,
+    warmup_iters=30, teacher_iters=150, student_iters=150, num_rare=3, heldout_images=100, workers=1,
     device="cpu", log_every=10, output_dir="runs/ssod_certainty_demo")
 
 

