@@ -1,0 +1,894 @@
+"""SoCo: Aligning Pretraining for Detection via Object-Level Contrastive Learning.
+
+Wei, Gao, Wu, Hu, Lin, NeurIPS 2021. https://arxiv.org/abs/2106.02637
+
+Self-supervised pre-training of a whole detector (backbone, FPN, R-CNN head) on object proposals:
+selective-search boxes are followed through three views of an image (V1 whole, V2 a crop, V3 the
+crop downsampled), pooled by RoIAlign from the FPN level their size calls for, and pulled together
+BYOL-style (online network + predictor against an EMA target network). Three stages:
+
+    proposals  Sec. 3.2  selective search + filter, once, offline       (stage_proposals)
+    pretrain   Sec. 3-4.1  SoCo / SoCo* (the default stage)              (stage_pretrain)
+    finetune   Sec. 4.2  transfer into Faster R-CNN FPN (4conv1fc) / C4   (stage_finetune)
+
+Equations -> functions (pure, tensors in and out):
+    Sec. 3.2 proposal filter (1/3 <= w/h <= 3, 0.3 <= sqrt(wh/WH) <= 0.8)   filter_proposals
+    Sec. 3.2 box jitter (x + r w, y + r h, w + r w, h + r h, p = 0.5)         jitter_boxes
+    Sec. 3.3 scale-aware assignment {48, 96, 192, 224}^2 -> P2..P5           assign_fpn_levels
+    Eq. (1-3) h = f^H(RoIAlign(f^I(V), b))                                   ObjectEncoder.forward
+    Eq. (4)  v = q(g(h)) online, v' = g(h') target                          SoCo.forward
+    Eq. (5-6) L = mean_i [-2 cos(v_i, v'_i) - 2 cos(v_i, v''_i)]             soco_loss
+    Sec. 4.1 tau from 0.99 to 1 on a cosine (BYOL)                            target_momentum
+
+CHOICE (the paper is silent):
+- Proposal fallback when the Sec. 3.2 filter leaves an image with no box: the filter with sizes
+  relaxed to 0.1 <= sqrt(wh/WH) <= 1 (aspect kept), then the whole image (released code: "relax,
+  then whole image"). `--min-box-side` (released code: 32 px) is 0 by default, as in the paper.
+- K proposals are drawn (without replacement, padded by repeats) among those that overlap the
+  region every crop shares (V2; also V3/V4 when they are independent crops) and clipped to each
+  crop; if none overlaps, that shared region is the box (released code: the whole view).
+- Box jitter is applied to V1's boxes only (released code); r is drawn per coordinate.
+- Without scale-aware assignment (`--no-scale-aware`, Tab. 4) a box goes to the level of the FPN
+  paper's rule k = floor(4 + log2(sqrt(wh) / 224)), the one torchvision's detectors use.
+- `--no-fpn` pools 7x7 RoIs from C5 (stride 32); `--no-head` average-pools the RoI feature
+  instead of running the R-CNN head (Tab. 4 rows without FPN / head).
+- `--proposals-kind random` draws K random boxes per image per step under the Sec. 3.2
+  constraints (Tab. 5(c)); `--proposals-kind whole` uses the whole image as the only box (K = 1,
+  Tab. 4 row 1).
+- Fine-tuning (Sec. 4.2) uses detectron2's scales (COCO short side 640-800, VOC 480-800, max 1333,
+  test 800), SGD momentum 0.9, warm-up from 0.001 over 1000 iterations (COCO) / 100 (VOC).
+- Level thresholds and the blur kernel (23 px at 224, BYOL) scale with `--view-size` / 224, so a
+  small-view run (the demo's 112 px) keeps the paper's relative assignment.
+- Proposals are stored as whole pixels (uint16) without repeated boxes; `--ss-max-side` (off)
+  runs selective search on a downscaled copy for speed.
+- SyncBN (Sec. 4.1) is used on more than one GPU; PyTorch has no SyncBN on the CPU, where a
+  multi-process run keeps per-rank BN statistics.
+- The demo (`DEMO`, `run_demo`) shrinks everything to fit a few CPU minutes: ResNet-18, 112-px
+  views, 3 epochs over 256 synthetic images, and a 10%-labelled fine-tune of 80 steps.
+
+Released-code facts followed (IMPLEMENTATION_NOTES.md, SoCo): RoIAlign 7x7 aligned=True; head
+4 x (conv 3x3 256 + BN + ReLU) + fc 1024; projector 1024 -> 4096 (BN, ReLU) -> 256, predictor
+256 -> 4096 -> 256; BYOL's asymmetric augmentations (V1: blur p=1; V2/V3: blur p=0.1, solarize
+p=0.2; all: colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, own flip); per-iteration
+momentum m = 1 - (1 - 0.99)(cos(pi k / K) + 1) / 2 on parameters only (target = backbone, FPN,
+head, projector); LARS trust coefficient 0.001, momentum 0.9, biases and norm parameters with
+neither weight decay nor adaptation (timm's Lars + its weight-decay groups); warm-up from lr/100.
+
+DEVIATION (we differ from the paper or the released code):
+- The FPN has no normalisation (the released code and its detectron2 configs put (Sync)BN in the
+  FPN): ours is torchvision's FPN, the one `common.detectors` builds, so every FPN tensor transfers.
+- Transfer goes into Faster R-CNN (box AP); the project's COCO loader and metrics have no masks,
+  so the Mask R-CNN mask AP of Tables 1-2, 8 is not reported.
+- Selective search is OpenCV-contrib's implementation of Uijlings et al. (fast mode by default;
+  `--ss-mode quality` for the slower one) instead of the released single-strategy Python port.
+- `--v3-crop independent` (off by default) reproduces the released code's independent 112 crop;
+  the default is the paper's V2 downsampled to 112.
+
+Full-scale commands (ImageNet-1k as /data/imagenet/train/<class>/*.JPEG, COCO 2017):
+    python soco.py proposals --data /data/imagenet --ss-workers 64       # -> runs/soco/proposals
+    torchrun --nproc_per_node 8 soco.py --epochs 400 --data /data/imagenet --amp \\
+        --out runs/soco/fpn_400ep                                         # add --star for SoCo*
+    torchrun --nproc_per_node 8 soco.py finetune --weights runs/soco/fpn_400ep/soco_weights.pth \\
+        --det-data /data/coco --schedule 1x --out runs/soco/coco_1x             # --fraction 0.05: Tab. 8
+    # R50-C4 (Tab. 2-3): --arch c4 for pretrain, --det-arch faster_rcnn_c4 --schedule voc for VOC
+CPU demo (synthetic images; proposals, short pre-training, low-data fine-tune vs random init):
+    python soco.py --demo
+Benchmark (selective search, the 1.28M-image proposal table, CPU pre-training throughput):
+    python benchmarks/bench_soco.py
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+from torchvision import transforms as T
+from torchvision.models import resnet as tv_resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.ops import roi_align
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from common.data import (ImageFolderDataset, SyntheticDetection, build_detection_dataset, build_loader,
+                         detection_transforms, fraction_split, save_split, subset_by_ids)
+from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
+from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
+from common.engine import JsonlLogger, build_scheduler, save_checkpoint, train_detector
+from common.evaluation import evaluate_detector
+
+STAGES = ("pretrain", "proposals", "finetune")
+FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("SoCo", description="Selective Object COntrastive learning (SoCo, SoCo*)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("stage", nargs="?", default="pretrain", choices=STAGES,
+                   help="proposals (offline, once) -> pretrain (default) -> finetune")
+    p.add_argument("--demo", action="store_true", help="all stages on synthetic data, CPU, minutes")
+
+    h = p.add_argument_group("SoCo hyper-parameters (paper; defaults = the main setting)")
+    h.add_argument("--arch", default="fpn", choices=("fpn", "c4"), help="SoCo-R50-FPN or SoCo-R50-C4, Sec. 4.1")
+    h.add_argument("--backbone", default="resnet50", help="ResNet-50, Sec. 4.1")
+    h.add_argument("--epochs", type=int, default=100, help="100 (ablations) or 400, Sec. 4.1")
+    h.add_argument("--batch-size", type=int, default=2048, help="global batch, Sec. 4.1 / Tab. 5(b)")
+    h.add_argument("--base-lr", type=float, default=1.0, help="lr = base-lr x batch / 256, Sec. 4.1")
+    h.add_argument("--weight-decay", type=float, default=1e-5, help="Sec. 4.1")
+    h.add_argument("--warmup-epochs", type=float, default=10, help="Sec. 4.1")
+    h.add_argument("--lars-momentum", type=float, default=0.9, help="released code")
+    h.add_argument("--trust-coeff", type=float, default=0.001, help="LARS trust coefficient, released code")
+    h.add_argument("--tau", type=float, default=0.99, help="base target momentum, Sec. 4.1 / Tab. 5(d)")
+    h.add_argument("--num-proposals", "-K", type=int, default=4, help="K proposals per image, Tab. 5(c)")
+    h.add_argument("--view-size", type=int, default=224, help="V1 and V2 side, Sec. 3.2")
+    h.add_argument("--v3-size", type=int, default=112, help="V3 side, Tab. 5(a)")
+    h.add_argument("--v4-size", type=int, default=192, help="V4 side (SoCo*), Sec. 4.3")
+    h.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="V2 crop area range, Sec. 3.2")
+    h.add_argument("--v3-crop", default="downsample", choices=("downsample", "independent"),
+                   help="V3 = V2 downsampled (paper) or an independent crop (released code)")
+    h.add_argument("--star", action="store_true", help="SoCo*: add V4, a crop of V1 resized to --v4-size")
+    h.add_argument("--jitter", type=float, default=0.1, help="box jitter r in [-j, j], Sec. 3.2")
+    h.add_argument("--jitter-prob", type=float, default=0.5, help="Sec. 3.2")
+    h.add_argument("--proj-hidden", type=int, default=4096, help="projector/predictor hidden width, Sec. 4.1")
+    h.add_argument("--proj-dim", type=int, default=256, help="embedding width, Sec. 4.1")
+    a = p.add_argument_group("ablations (Tab. 4, Tab. 5(c)); the paper's setting is the default")
+    a.add_argument("--proposals-kind", default="selective_search", choices=("selective_search", "random", "whole"),
+                   help="selective search boxes, random boxes (Tab. 5(c)), or the whole image (Tab. 4 row 1)")
+    a.add_argument("--no-fpn", action="store_true", help="RoIAlign on C5 instead of P2-P5")
+    a.add_argument("--no-head", action="store_true", help="average-pool RoIs instead of the R-CNN head")
+    a.add_argument("--no-scale-aware", action="store_true", help="FPN paper's level rule instead of Sec. 3.3's")
+    a.add_argument("--no-jitter", action="store_true", help="no box jitter")
+    a.add_argument("--no-v3", action="store_true", help="drop V3 (Tab. 4 'multi view')")
+
+    s = p.add_argument_group("proposal stage (Sec. 3.2)")
+    s.add_argument("--proposals", default="runs/soco/proposals", help="proposal table folder (written / read)")
+    s.add_argument("--ss-mode", default="fast", choices=("fast", "quality"), help="OpenCV selective search mode")
+    s.add_argument("--ss-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="processes")
+    s.add_argument("--ss-max-side", type=int, default=0, help="downscale longer side first (0: full resolution)")
+    s.add_argument("--min-box-side", type=float, default=0.0, help="also drop boxes narrower than this (released: 32)")
+    s.add_argument("--shard-size", type=int, default=1000, help="images per shard (the resume unit)")
+
+    f = p.add_argument_group("fine-tuning (Sec. 4.2)")
+    f.add_argument("--weights", default="", help="soco_weights.pth of a pre-training run ('' = random init)")
+    f.add_argument("--det-data", default="synthetic", help="'synthetic', a COCO root or VOC root(s)")
+    f.add_argument("--det-arch", default="faster_rcnn_fpn", choices=("faster_rcnn_fpn", "faster_rcnn_c4"))
+    f.add_argument("--schedule", default="1x", choices=("1x", "2x", "voc"),
+                   help="COCO 1x/2x (90k/180k it., x0.1 at 2/3, 8/9) or VOC (24k it., x0.1 at 3/4, 11/12)")
+    f.add_argument("--det-iters", type=int, default=0, help="override the schedule's iterations")
+    f.add_argument("--det-batch-size", type=int, default=16, help="global, Sec. 4.2")
+    f.add_argument("--det-lr", type=float, default=0.02, help="at batch 16, Sec. 4.2")
+    f.add_argument("--det-weight-decay", type=float, default=None, help="2.5e-5 COCO, 1e-4 VOC (Sec. 4.2)")
+    f.add_argument("--det-norm", default="syncbn", choices=("syncbn", "bn", "frozen_bn", "gn"),
+                   help="SyncBN in all layers, Sec. 4.2")
+    f.add_argument("--fraction", type=float, default=1.0, help="labelled fraction (Mini COCO 0.05 / 0.1, Tab. 8)")
+    f.add_argument("--train-split", default="", help="default: train2017 (COCO), trainval (VOC)")
+    f.add_argument("--test-split", default="", help="default: val2017 (COCO), test (VOC)")
+    f.add_argument("--det-scales", type=int, nargs="+", default=None, help="training short sides")
+    f.add_argument("--det-max-size", type=int, default=1333)
+    f.add_argument("--det-test-size", type=int, default=800)
+    f.add_argument("--anchor-sizes", type=int, nargs="+", default=None, help="default torchvision's 32..512")
+    f.add_argument("--box-batch-per-image", type=int, default=512, help="sampled RoIs per image (detectron2's 512)")
+    f.add_argument("--test-proposals", type=int, default=1000, help="RPN boxes kept per test image (detectron2's 1000)")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder root (its train/ is used)")
+    g.add_argument("--synthetic-images", type=int, default=512, help="images of a synthetic set")
+    g.add_argument("--test-images", type=int, default=128, help="images of a synthetic test set (finetune)")
+    g.add_argument("--image-size", type=int, default=128, help="side of synthetic images")
+    g.add_argument("--out", default="runs/soco/pretrain", help="output folder")
+    g.add_argument("--workers", type=int, default=8, help="data-loading workers per rank")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--amp", action="store_true", help="mixed precision on GPU (Sec. 4.1 setting)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", default="", help="checkpoint.pth to continue from ('auto': --out/checkpoint.pth)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedules keep --epochs)")
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, default=20)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Model pieces (Sec. 3.3, 4.1)
+# --------------------------------------------------------------------------------------------
+class NoExtraLevel(ExtraFPNBlock):
+    """P2-P5 only: "we do not use P6 due to its low resolution" (Sec. 3.3)."""
+
+    def forward(self, results, x, names):
+        return results, names
+
+
+class _Body(nn.Module):
+    """A ResNet up to C5 under the name `body`, so its tensors carry FPN detectors' `backbone.body.*`."""
+
+    def __init__(self, resnet):
+        super().__init__()
+        self.body = IntermediateLayerGetter(resnet, {"layer4": "0"})
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Projector g / predictor q: linear 4096 + BN + ReLU + linear 256 (Sec. 4.1)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+
+
+class ObjectEncoder(nn.Module):
+    """f^I (backbone + FPN), RoIAlign and f^H (R-CNN head): Eq. (1), h = f^H(RoIAlign(f^I(V), b)).
+
+    Module names follow torchvision's detectors (`backbone.body`, `backbone.fpn`, `box_head`), so
+    `transfer_state_dict` only prefixes `roi_heads.` to the head."""
+
+    def __init__(self, arch: str = "fpn", backbone: str = "resnet50", fpn: bool = True, head: bool = True,
+                 scale_aware: bool = True):
+        super().__init__()
+        resnet = getattr(tv_resnet, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+        self.scale_aware = scale_aware
+        if arch == "c4":  # Sec. 3.3: RoIAlign on C4, the whole res5 as the head
+            self.strides, self.roi_size = (16,), 14  # 14x14 -> res5 -> 7x7, as the C4 detector
+            self.backbone = C4Backbone(resnet)
+            self.box_head = ResNetC5Head(resnet.layer4)
+            self.out_dim = resnet.inplanes
+            return
+        self.roi_size = 7
+        if fpn:
+            self.backbone = _resnet_fpn_extractor(resnet, 5, returned_layers=[1, 2, 3, 4], extra_blocks=NoExtraLevel())
+            self.strides, channels = FPN_STRIDES, self.backbone.out_channels
+        else:
+            self.backbone = _Body(resnet)
+            self.strides, channels = (32,), resnet.inplanes
+        if head:  # Mask R-CNN's 4conv1fc box head with BN
+            self.box_head = FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
+            self.out_dim = 1024
+        else:
+            self.box_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.out_dim = channels
+
+    def levels(self, boxes: torch.Tensor, view_size: int) -> torch.Tensor:
+        if len(self.strides) == 1:
+            return torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+        if self.scale_aware:
+            return assign_fpn_levels(boxes, view_size)
+        return fpn_paper_levels(boxes, view_size)
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S), boxes (B, K, 4) in view pixels -> h (B * K, out_dim)."""
+        B, K, _ = boxes.shape
+        feats = list(self.backbone(images).values())  # P2..P5, or C4 / C5
+        flat = boxes.reshape(B * K, 4).float()
+        batch_idx = torch.arange(B, device=boxes.device).repeat_interleave(K).to(flat.dtype)
+        rois = torch.cat([batch_idx[:, None], flat], dim=1)  # (B * K, 5)
+        level = self.levels(flat, images.shape[-1])  # (B * K,)
+        pooled = feats[0].new_zeros(B * K, feats[0].shape[1], self.roi_size, self.roi_size)
+        for lvl, (feat, stride) in enumerate(zip(feats, self.strides)):
+            idx = torch.nonzero(level == lvl).squeeze(1)
+            if idx.numel():
+                out = roi_align(feat, rois[idx], self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0,
+                                aligned=True)
+                pooled = pooled.index_copy(0, idx, out.to(pooled.dtype))
+        h = self.box_head(pooled)  # Eq. (1)
+        # a level that got no box in this batch still joins the graph (zero gradient), so DDP finds
+        # a gradient for every FPN output conv
+        return h + 0.0 * sum(f.mean() for f in feats) if self.training and len(feats) > 1 else h
+
+
+class SoCo(nn.Module):
+    """Online network (encoder + projector g_theta + predictor q_theta) and its EMA target
+    (encoder + projector g_xi, no predictor), Eq. (2-4)."""
+
+    def __init__(self, arch="fpn", backbone="resnet50", fpn=True, head=True, scale_aware=True,
+                 proj_hidden=4096, proj_dim=256):
+        super().__init__()
+        encoder = ObjectEncoder(arch, backbone, fpn, head, scale_aware)
+        self.online = nn.ModuleDict({"encoder": encoder, "projector": mlp(encoder.out_dim, proj_hidden, proj_dim)})
+        self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
+        self.target = copy.deepcopy(self.online)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, views: list, boxes: list) -> dict:
+        """views [V1, V2, (V3), (V4)] each (B, 3, S_v, S_v); boxes the same proposals in each view (B, K, 4)."""
+        # Eq. (2), (4): online embeddings of every view, v_i = q(g(h_i))
+        q = [self.predictor(self.online["projector"](self.online["encoder"](v, b))) for v, b in zip(views, boxes)]
+        with torch.no_grad():  # Eq. (3), (4): target embeddings v'_i = g_xi(h'_i)
+            z = [self.target["projector"](self.target["encoder"](v, b)) for v, b in zip(views, boxes)]
+        # Eq. (5-6): online V1 against the target's V2, V3 (, V4) ...
+        loss = soco_loss(q[0], *z[1:])
+        # ... symmetrised (Sec. 3.3): V1 through the target, V2, V3 through the online network;
+        # cos is symmetric, so sum_j -2 cos(q_j, z_1) = soco_loss(z_1, q_2, q_3).
+        loss_sym = soco_loss(z[0], *q[1:])
+        return {"loss_soco": loss + loss_sym}
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """xi <- tau xi + (1 - tau) theta, parameters only (released code)."""
+        for p_o, p_t in zip(self.online.parameters(), self.target.parameters()):
+            p_t.mul_(tau).add_(p_o.detach(), alpha=1.0 - tau)
+
+
+def transfer_state_dict(model: SoCo) -> dict:
+    """The online encoder under torchvision detector names (projector / predictor left out, Sec. 4.2):
+    backbone.body.*, backbone.fpn.*, roi_heads.box_head.* (res5 as roi_heads.box_head.layer4.* for C4)."""
+    out = {}
+    for k, v in unwrap(model).online["encoder"].state_dict().items():
+        out[("roi_heads." + k) if k.startswith("box_head.") else k] = v.detach().cpu().clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Losses and box rules (pure functions)
+# --------------------------------------------------------------------------------------------
+def assign_fpn_levels(boxes: torch.Tensor, view_size: int = 224) -> torch.Tensor:
+    """Sec. 3.3 scale-aware assignment: sqrt(area) <= 48 -> P2 (0), <= 96 -> P3, <= 192 -> P4, else P5.
+    Thresholds are for 224-pixel views and scale with `view_size` / 224 (equal at 224)."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    s = torch.sqrt(wh[:, 0] * wh[:, 1]) * (224.0 / view_size)
+    return (s > 48).long() + (s > 96).long() + (s > 192).long()
+
+
+def fpn_paper_levels(boxes: torch.Tensor, view_size: int = 224) -> torch.Tensor:
+    """FPN's rule (Lin et al. Eq. 1) k = floor(4 + log2(sqrt(wh) / 224)), clamped to P2..P5."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6)
+    s = torch.sqrt(wh[:, 0] * wh[:, 1]) * (224.0 / view_size)
+    return (torch.floor(4 + torch.log2(s / 224.0)).clamp(2, 5) - 2).long()
+
+
+def soco_loss(v: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+    """Eq. (5-6): mean over the K proposals of sum_t -2 cos(v, t); soco_loss(v, v2, v3) is the paper's."""
+    v = F.normalize(v.float(), dim=-1)
+    loss = sum(-2.0 * (v * F.normalize(t.float(), dim=-1)).sum(-1) for t in targets)  # Eq. (5)
+    return loss.mean()  # Eq. (6)
+
+
+def target_momentum(step: int, total_steps: int, base: float = 0.99) -> float:
+    """tau_k = 1 - (1 - base) (cos(pi k / K) + 1) / 2: base at step 0, 1 at the last step (BYOL)."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1.0) / 2.0
+
+
+def filter_proposals(boxes, width: float, height: float, min_side: float = 0.0):
+    """Sec. 3.2: keep boxes (N, 4 x1 y1 x2 y2) with 1/3 <= w/h <= 3 and 0.3 <= sqrt(wh)/sqrt(WH) <= 0.8
+    (and w, h >= min_side). Numpy or torch in, the kept rows out."""
+    b = np.asarray(boxes.detach().cpu() if torch.is_tensor(boxes) else boxes, np.float64).reshape(-1, 4)
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    ok = (w > 0) & (h > 0) & (w >= min_side) & (h >= min_side)
+    ratio = np.divide(w, h, out=np.zeros_like(w), where=ok)
+    size = np.sqrt(np.clip(w * h, 0, None)) / math.sqrt(width * height)
+    keep = ok & (ratio >= 1 / 3) & (ratio <= 3) & (size >= 0.3) & (size <= 0.8)
+    return boxes[torch.from_numpy(keep)] if torch.is_tensor(boxes) else np.asarray(boxes).reshape(-1, 4)[keep]
+
+
+def jitter_boxes(boxes: torch.Tensor, ratio: float, prob: float, generator=None) -> torch.Tensor:
+    """Sec. 3.2 box jitter on (K, 4) x1 y1 x2 y2: centre + r w / r h, size (1 + r), r ~ U[-ratio, ratio]
+    per coordinate, each box with probability `prob`."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    r = (torch.rand(boxes.shape[0], 4, generator=generator) * 2 - 1) * ratio
+    r = r * (torch.rand(boxes.shape[0], 1, generator=generator) < prob)
+    cx, cy, w, h = cx + r[:, 0] * w, cy + r[:, 1] * h, w * (1 + r[:, 2]), h * (1 + r[:, 3])
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+
+
+def crop_boxes(boxes: torch.Tensor, crop, size: int) -> torch.Tensor:
+    """Boxes of the parent view into a crop (top, left, h, w) resized to size x size, clipped to it."""
+    top, left, ch, cw = crop
+    scale = torch.tensor([size / cw, size / ch, size / cw, size / ch], dtype=boxes.dtype)
+    return ((boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)) * scale).clamp(0, size)
+
+
+# --------------------------------------------------------------------------------------------
+# Object proposals: selective search, filter, compact storage (Sec. 3.2)
+# --------------------------------------------------------------------------------------------
+def selective_search(image: np.ndarray, mode: str = "fast", max_side: int = 0) -> np.ndarray:
+    """OpenCV-contrib's selective search on an RGB uint8 (H, W, 3) image -> (N, 4) x1 y1 x2 y2 float32
+    in the image's pixels."""
+    import cv2
+
+    scale = 1.0
+    if max_side and max(image.shape[:2]) > max_side:
+        scale = max_side / max(image.shape[:2])
+        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                           interpolation=cv2.INTER_AREA)
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(image[:, :, ::-1]))  # OpenCV wants BGR
+    ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
+    rects = ss.process().astype(np.float32).reshape(-1, 4)  # x, y, w, h
+    rects[:, 2:] += rects[:, :2]
+    return rects / scale
+
+
+def final_proposals(raw: np.ndarray, width: int, height: int, min_side: float = 0.0) -> np.ndarray:
+    """The Sec. 3.2 filter, then the fallbacks (CHOICE): relaxed sizes, then the whole image."""
+    kept = filter_proposals(raw, width, height, min_side)
+    if len(kept) == 0:
+        w, h = raw[:, 2] - raw[:, 0], raw[:, 3] - raw[:, 1]
+        size = np.sqrt(np.clip(w * h, 0, None)) / math.sqrt(width * height)
+        ratio = np.divide(w, h, out=np.zeros_like(w), where=h > 0)
+        kept = raw[(ratio >= 1 / 3) & (ratio <= 3) & (size >= 0.1) & (size <= 1.0)]
+    if len(kept) == 0:
+        kept = np.array([[0, 0, width, height]], np.float32)
+    return kept
+
+
+def build_image_source(args):
+    """The unlabelled images, indexable: synthetic scenes or an ImageFolder's train/ (ImageNet)."""
+    if args.data == "synthetic":
+        return SyntheticDetection(args.synthetic_images, args.image_size, mode="unlabeled", seed=args.seed)
+    return ImageFolderDataset(Path(args.data) / "train")
+
+
+def source_fingerprint(source) -> str:
+    """Ties a proposal table to the image list it was made from."""
+    if isinstance(source, SyntheticDetection):
+        return f"synthetic:{len(source)}:{source.size}:{source.seed}"
+    names = "\n".join(os.path.relpath(p, source.folder.root) for p, _ in source.folder.samples)
+    return "sha1:" + hashlib.sha1(names.encode()).hexdigest()
+
+
+_WORKER: dict = {}
+
+
+def _init_proposal_worker(args) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    _WORKER.update(source=build_image_source(args), args=args)
+
+
+def _proposal_shard(task) -> int:
+    """Proposals of images [start, end) into shard file `path` (written whole, then renamed)."""
+    start, end, path = task
+    source, args = _WORKER["source"], _WORKER["args"]
+    boxes, counts, sizes = [], [], []
+    for i in range(start, end):
+        image = source[i][0].permute(1, 2, 0).numpy()
+        h, w = image.shape[:2]
+        kept = final_proposals(selective_search(image, args.ss_mode, args.ss_max_side), w, h, args.min_box_side)
+        kept = np.unique(np.round(kept).clip(0, 65535).astype(np.uint16), axis=0)  # integer boxes, no repeats
+        boxes.append(kept)
+        counts.append(len(kept))
+        sizes.append((h, w))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, boxes=np.concatenate(boxes), counts=np.asarray(counts, np.int64), sizes=np.asarray(sizes, np.int32))
+    os.replace(tmp, path)
+    return end - start
+
+
+class ProposalTable:
+    """The final boxes of every image as flat memory-mapped arrays: boxes.npy (M, 4) uint16 in original
+    image pixels, offsets.npy (N + 1,) int64, sizes.npy (N, 2) int32 (h, w). Opening costs
+    milliseconds; DataLoader workers share the pages instead of copying per-image Python objects."""
+
+    FILES = ("boxes.npy", "offsets.npy", "sizes.npy", "meta.json")
+
+    def __init__(self, root):
+        self.root = Path(root)
+        if not (self.root / "meta.json").is_file():
+            raise FileNotFoundError(f"no proposal table at {self.root} (meta.json missing). Run "
+                                    f"`python soco.py proposals --data ... --proposals {self.root}` first")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.boxes = np.load(self.root / "boxes.npy", mmap_mode="r")
+        self.offsets = np.load(self.root / "offsets.npy", mmap_mode="r")
+        self.sizes = np.load(self.root / "sizes.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.boxes[self.offsets[i]:self.offsets[i + 1]], np.float32)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
+
+    @staticmethod
+    def write(root, boxes_per_image: list, sizes, meta: dict) -> None:
+        """Write a table from per-image (n_i, 4) arrays; meta.json last, so a table is complete or absent."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        counts = np.array([len(b) for b in boxes_per_image], np.int64)
+        arrays = {"boxes.npy": np.concatenate(boxes_per_image).astype(np.uint16).reshape(-1, 4),
+                  "offsets.npy": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                  "sizes.npy": np.asarray(sizes, np.int32).reshape(-1, 2)}
+        ProposalTable._write_arrays(root, arrays, meta)
+
+    @staticmethod
+    def _write_arrays(root: Path, arrays: dict, meta: dict) -> None:
+        (root / "meta.json").unlink(missing_ok=True)
+        for name, arr in arrays.items():
+            tmp = root / f".{name}.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+            os.replace(tmp, root / name)
+        meta = dict(meta, num_images=len(arrays["offsets.npy"]) - 1, num_boxes=len(arrays["boxes.npy"]))
+        (root / ".meta.json.tmp").write_text(json.dumps(meta, indent=1))
+        os.replace(root / ".meta.json.tmp", root / "meta.json")
+
+
+def stage_proposals(args) -> ProposalTable:
+    """Selective search over every image, sharded and resumable; then one flat table."""
+    root = Path(args.proposals)
+    source = build_image_source(args)
+    fingerprint = source_fingerprint(source)
+    if (root / "meta.json").is_file():
+        table = ProposalTable(root)
+        if table.meta.get("source") == fingerprint:
+            print(f"proposal table {root} is complete ({len(table)} images, {table.meta['num_boxes']} boxes)")
+            return table
+        raise ValueError(f"{root} holds proposals of another image set ({table.meta.get('source')} != "
+                         f"{fingerprint}); choose another --proposals folder")
+    shard_dir = root / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n, size = len(source), args.shard_size
+    tasks = [(s, min(s + size, n), shard_dir / f"{s // size:06d}.npz") for s in range(0, n, size)]
+    todo = [t for t in tasks if not t[2].is_file()]
+    done_images = n - sum(e - s for s, e, _ in todo)
+    print(f"selective search ({args.ss_mode}) on {n} images, {len(tasks)} shards ({len(tasks) - len(todo)} done), "
+          f"{args.ss_workers} processes")
+    t0 = time.perf_counter()
+    with tqdm(total=n, initial=done_images, desc="proposals", unit="img") as bar:
+        if args.ss_workers <= 1:
+            _init_proposal_worker(args)
+            for t in todo:
+                bar.update(_proposal_shard(t))
+        else:
+            with get_context("spawn").Pool(args.ss_workers, _init_proposal_worker, (args,)) as pool:
+                for k in pool.imap_unordered(_proposal_shard, todo):
+                    bar.update(k)
+    elapsed = time.perf_counter() - t0
+    boxes, counts, sizes = [], [], []
+    for _, _, path in tasks:
+        with np.load(path) as z:
+            boxes.append(z["boxes"]), counts.append(z["counts"]), sizes.append(z["sizes"])
+    counts = np.concatenate(counts)
+    arrays = {"boxes.npy": np.concatenate(boxes).reshape(-1, 4),
+              "offsets.npy": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+              "sizes.npy": np.concatenate(sizes)}
+    computed = sum(e - s for s, e, _ in todo)
+    meta = {"source": fingerprint, "ss_mode": args.ss_mode, "ss_max_side": args.ss_max_side,
+            "min_box_side": args.min_box_side,
+            "images_per_s_per_process": round(computed / elapsed / max(1, args.ss_workers), 3) if computed else None}
+    ProposalTable._write_arrays(root, arrays, meta)
+    for _, _, path in tasks:
+        path.unlink()
+    shard_dir.rmdir()
+    table = ProposalTable(root)
+    print(f"wrote {root}: {len(table)} images, {table.meta['num_boxes']} boxes "
+          f"({table.meta['num_boxes'] / len(table):.1f} per image)")
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Views and augmentation (Sec. 3.2)
+# --------------------------------------------------------------------------------------------
+def byol_augment(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
+    """BYOL's colour pipeline without its crop (the flip is done with the boxes)."""
+    kernel = max(3, int(round(0.1 * size)) // 2 * 2 + 1)  # 23 px at 224, as BYOL
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    ])
+
+
+def random_proposals(width: int, height: int, k: int) -> np.ndarray:
+    """Tab. 5(c) 'Random': k boxes drawn under the Sec. 3.2 constraints (aspect, relative size)."""
+    side = math.sqrt(width * height) * (0.3 + 0.5 * torch.rand(k))
+    aspect = torch.exp(math.log(3) * (2 * torch.rand(k) - 1))  # w / h in [1/3, 3], log-uniform
+    w, h = (side * aspect.sqrt()).clamp(max=width), (side / aspect.sqrt()).clamp(max=height)
+    x1, y1 = torch.rand(k) * (width - w), torch.rand(k) * (height - h)
+    return torch.stack([x1, y1, x1 + w, y1 + h], 1).numpy()
+
+
+class SoCoViews(Dataset):
+    """Item i -> ([V1, V2, (V3), (V4)], [{"boxes": (K, 4)} per view]): the same K proposals in every view.
+
+    V1: the image resized to view x view. V2: a random crop of V1 (area scale [0.5, 1], aspect
+    3/4-4/3) resized to view. V3: V2 downsampled to v3-size (or an independent crop). V4 (SoCo*):
+    a crop of V1 resized to v4-size. Randomness comes from torch's generator, which
+    `common.data.SeededDataset` seeds per (seed, epoch, index)."""
+
+    def __init__(self, source, proposals: ProposalTable | None, args):
+        if proposals is not None and len(proposals) != len(source):
+            raise ValueError(f"the proposal table has {len(proposals)} images, the data {len(source)}")
+        self.source, self.proposals, self.a = source, proposals, args
+        self.k = 1 if args.proposals_kind == "whole" else args.num_proposals
+        self.use_v3 = not args.no_v3 and args.arch != "c4"  # Sec. 3.3: C4 drops V3
+        S = args.view_size
+        self.aug_v1 = byol_augment(S, blur_p=1.0, solarize_p=0.0)
+        self.aug_v2 = byol_augment(S, blur_p=0.1, solarize_p=0.2)
+        self.aug_v3 = byol_augment(args.v3_size, blur_p=0.1, solarize_p=0.2)
+        self.aug_v4 = byol_augment(args.v4_size, blur_p=0.1, solarize_p=0.2)
+
+    def __len__(self):
+        return len(self.source)
+
+    def _raw_boxes(self, i: int, width: int, height: int) -> np.ndarray:
+        kind = self.a.proposals_kind
+        if kind == "whole":
+            return np.array([[0, 0, width, height]], np.float32)
+        if kind == "random":
+            return random_proposals(width, height, self.k)
+        boxes = self.proposals[i]
+        ph, pw = self.proposals.image_size(i)
+        if (ph, pw) != (height, width):  # table made at another resolution of the same image
+            boxes = boxes * np.array([width / pw, height / ph, width / pw, height / ph], np.float32)
+        return boxes
+
+    def _crop(self, v1):  # (top, left, h, w) in V1 pixels
+        return T.RandomResizedCrop.get_params(v1, scale=tuple(self.a.crop_scale), ratio=(3 / 4, 4 / 3))
+
+    @staticmethod
+    def _flip(img, boxes, size):
+        if torch.rand(1).item() < 0.5:
+            img = TF.horizontal_flip(img)
+            boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+        return img, boxes
+
+    def __getitem__(self, i: int):
+        out_images, out_boxes = [], []
+        for img, b, aug in self.geometry(i):  # each view randomly and independently augmented
+            img, b = self._flip(img, b, img.shape[-1])
+            out_images.append(aug(img))
+            out_boxes.append({"boxes": b})
+        return out_images, out_boxes
+
+    def geometry(self, i: int) -> list:
+        """[(uint8 view, (K, 4) boxes in its pixels, its colour augmentation)] for V1, V2, (V3), (V4)."""
+        a, S = self.a, self.a.view_size
+        image = self.source[i][0]  # uint8 (3, H, W)
+        H, W = image.shape[-2:]
+        props = torch.as_tensor(self._raw_boxes(i, W, H), dtype=torch.float32)
+        v1 = TF.resize(image, [S, S], antialias=True)
+        props = props * torch.tensor([S / W, S / H, S / W, S / H])  # boxes follow every resize
+        crops = {}
+        for _ in range(10):  # crops that share a region (independent crops may not)
+            crops = {"v2": self._crop(v1)}
+            if self.use_v3 and a.v3_crop == "independent":
+                crops["v3"] = self._crop(v1)
+            if a.star:
+                crops["v4"] = self._crop(v1)
+            x1 = max(c[1] for c in crops.values())
+            y1 = max(c[0] for c in crops.values())
+            x2 = min(c[1] + c[3] for c in crops.values())
+            y2 = min(c[0] + c[2] for c in crops.values())
+            if x2 - x1 >= 1 and y2 - y1 >= 1:
+                break
+        shared = torch.tensor([x1, y1, x2, y2], dtype=torch.float32)
+        # proposals outside V2 (and the other crops) are dropped (Sec. 3.2)
+        inside = ((props[:, 0] < x2) & (props[:, 2] > x1) & (props[:, 1] < y2) & (props[:, 3] > y1)
+                  & (props[:, 2] - props[:, 0] >= 1) & (props[:, 3] - props[:, 1] >= 1))
+        cand = props[inside] if inside.any() else shared[None]
+        order = torch.randperm(len(cand))[: self.k]  # K random proposals per image per step
+        if len(order) < self.k:
+            order = torch.cat([order, torch.randint(len(cand), (self.k - len(order),))])
+        boxes = cand[order]  # (K, 4) in V1 pixels
+        b1 = boxes
+        if not a.no_jitter and a.proposals_kind != "whole":
+            b1 = jitter_boxes(boxes, a.jitter, a.jitter_prob)
+        x1y1 = b1[:, :2].clamp(0, S - 1)  # clipped to V1, at least one pixel wide
+        b1 = torch.cat([x1y1, torch.maximum(b1[:, 2:].clamp(max=S), x1y1 + 1)], 1)
+        c2 = crops["v2"]
+        v2_img = TF.resized_crop(v1, *c2, [S, S], antialias=True)
+        b2 = crop_boxes(boxes, c2, S)
+        views = [(v1, b1, self.aug_v1), (v2_img, b2, self.aug_v2)]
+        if self.use_v3:
+            s3 = a.v3_size
+            if a.v3_crop == "downsample":  # Sec. 3.2: V3 is V2 downsampled
+                views.append((TF.resize(v2_img, [s3, s3], antialias=True), b2 * (s3 / S), self.aug_v3))
+            else:
+                views.append((TF.resized_crop(v1, *crops["v3"], [s3, s3], antialias=True),
+                              crop_boxes(boxes, crops["v3"], s3), self.aug_v3))
+        if a.star:
+            s4 = a.v4_size
+            views.append((TF.resized_crop(v1, *crops["v4"], [s4, s4], antialias=True),
+                          crop_boxes(boxes, crops["v4"], s4), self.aug_v4))
+        return views
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-training (Sec. 4.1)
+# --------------------------------------------------------------------------------------------
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, momentum: float, trust_coeff: float):
+    """LARS (timm) over timm's weight-decay groups: biases and norm parameters (1-d) get weight
+    decay 0, and timm's Lars adapts only groups with weight decay, so they get no adaptation either."""
+    from timm.optim import Lars
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay=weight_decay)
+    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=trust_coeff)
+
+
+def soco_step(model, views, targets) -> dict:
+    """`common.engine.train_detector`'s loss_fn: the symmetrised SoCo loss of one batch."""
+    return model(views, [t["boxes"] for t in targets])
+
+
+def stage_pretrain(args, env) -> Path:
+    out = Path(args.out)
+    seed_everything(args.seed)  # same initial weights on every rank
+    source = build_image_source(args)
+    table = ProposalTable(args.proposals) if args.proposals_kind == "selective_search" else None
+    if table is not None and table.meta.get("source") != source_fingerprint(source):
+        raise ValueError(f"proposal table {args.proposals} was made for {table.meta.get('source')}, "
+                         f"not for --data {args.data} ({source_fingerprint(source)})")
+    dataset = SoCoViews(source, table, args)
+    # --batch-size is the paper's global batch; per rank = batch / world; lr = base-lr x batch / 256
+    per_rank = args.batch_size // env.world_size
+    lr = args.base_lr * args.batch_size / 256
+    loader = build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
+                          collate_fn=default_collate, group_by_aspect_ratio=False)
+    model = SoCo(args.arch, args.backbone, fpn=not args.no_fpn, head=not args.no_head,
+                 scale_aware=not args.no_scale_aware, proj_hidden=args.proj_hidden, proj_dim=args.proj_dim)
+    # SyncBN on more than one GPU (Sec. 4.1); PyTorch has no SyncBN on the CPU, where BN stays per rank
+    model = wrap_ddp(model, env, sync_bn=env.distributed and env.device.type == "cuda")
+    optimizer = build_optimizer(unwrap(model), lr, args.weight_decay, args.lars_momentum, args.trust_coeff)
+    total = args.epochs * len(loader)
+    scheduler = build_scheduler(optimizer, total, warmup_steps=int(args.warmup_epochs * len(loader)),
+                                warmup_factor=0.01, schedule="cosine")
+
+    def momentum_update(step: int) -> None:  # after each optimizer step; step counts finished steps
+        unwrap(model).update_target(target_momentum(step - 1, total, args.tau))
+
+    def export(_epoch=None) -> None:  # the transferable weights, after every epoch and at the end
+        save_checkpoint(out / "soco_weights.pth", {"model": transfer_state_dict(model), "args": vars(args)})
+
+    if is_main():
+        print(f"SoCo pre-training: {len(dataset)} images, {len(loader)} steps/epoch x {args.epochs} epochs, "
+              f"batch {args.batch_size} ({per_rank}/rank x {env.world_size}), lr {lr:g}, K={dataset.k}")
+    resume = str(out / "checkpoint.pth") if args.resume == "auto" else args.resume
+    train_detector(model, loader, optimizer, scheduler, epochs=args.epochs, out_dir=out, args=args,
+                   loss_fn=soco_step, amp=args.amp, checkpoint_every=args.checkpoint_every, resume=resume or None,
+                   log_every=args.log_every, max_steps=args.max_steps, on_step_end=momentum_update,
+                   on_epoch_end=export, desc="soco")
+    export()
+    barrier()
+    return out / "soco_weights.pth"
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer: fine-tuning and evaluation (Sec. 4.2)
+# --------------------------------------------------------------------------------------------
+SCHEDULES = {"1x": (90000, (2 / 3, 8 / 9), 2.5e-5, 1000), "2x": (180000, (2 / 3, 8 / 9), 2.5e-5, 1000),
+             "voc": (24000, (3 / 4, 11 / 12), 1e-4, 100)}
+
+
+def stage_finetune(args, env) -> dict:
+    out = Path(args.out)
+    seed_everything(args.seed)
+    iters, fractions, wd, warmup = SCHEDULES[args.schedule]
+    iters = args.det_iters or iters
+    wd = args.det_weight_decay if args.det_weight_decay is not None else wd
+    voc = args.schedule == "voc"
+    scales = args.det_scales or (list(range(480, 801, 32)) if voc else list(range(640, 801, 32)))
+    train_split = args.train_split or ("trainval" if voc else "train2017")
+    test_split = args.test_split or ("test" if voc else "val2017")
+    synth = dict(num_images=args.synthetic_images, image_size=args.image_size, seed=args.seed)
+    train_set = build_detection_dataset(args.det_data, train_split, detection_transforms(True, scales, args.det_max_size),
+                                        **synth)
+    if args.fraction < 1:  # Mini COCO (Tab. 8): a seeded fraction of the training images
+        labelled, _ = fraction_split(train_set, args.fraction, args.seed)
+        if is_main():
+            save_split(out / "split.json", {"labelled": labelled})
+        train_set = subset_by_ids(train_set, labelled)
+    test_data = args.det_data.split(",")[0]  # VOC07+12 trains on both, tests on VOC07
+    test_set = build_detection_dataset(test_data, test_split, detection_transforms(False),
+                                       **dict(synth, num_images=args.test_images))
+    box_head = "4conv1fc" if args.det_arch == "faster_rcnn_fpn" else "2mlp"
+    model = build_detector(args.det_arch, len(train_set.classes), args.backbone, norm=args.det_norm, trainable_layers=5,
+                           min_size=args.det_test_size, max_size=args.det_max_size, box_head=box_head,
+                           anchor_sizes=args.anchor_sizes, box_batch_size_per_image=args.box_batch_per_image,
+                           rpn_post_nms_top_n_test=args.test_proposals)
+    if args.weights:  # backbone, FPN and box head; the class-specific predictor stays random
+        load_weights(model, args.weights, verbose=is_main())
+    model = wrap_ddp(model, env)
+    per_rank = args.det_batch_size // env.world_size
+    loader = build_loader(train_set, per_rank, train=True, workers=args.workers, seed=args.seed)
+    lr = args.det_lr * args.det_batch_size / 16
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    scheduler = build_scheduler(optimizer, iters, warmup_steps=min(warmup, iters // 4), warmup_factor=0.001,
+                                schedule="step", milestones=[int(f * iters) for f in fractions])
+    epochs = math.ceil(iters / len(loader))
+    resume = str(out / "checkpoint.pth") if args.resume == "auto" else args.resume
+    train_detector(model, loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args, amp=args.amp,
+                   checkpoint_every=args.checkpoint_every, resume=resume or None, log_every=args.log_every,
+                   max_steps=iters, desc="finetune")
+    test_loader = build_loader(test_set, 2, train=False, workers=args.workers)
+    metrics = evaluate_detector(model, test_loader, env.device, voc=voc)
+    if is_main():
+        JsonlLogger(out / "metrics.jsonl").log(eval=True, **metrics)
+        print("  ".join(f"{k} {100 * metrics[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                                                                 "voc07_mAP50") if k in metrics))
+    return dict(metrics, train_images=len(train_set))
+
+
+# --------------------------------------------------------------------------------------------
+# Demo: every stage on synthetic images, CPU, minutes
+# --------------------------------------------------------------------------------------------
+# CHOICE (demo only, to fit a few CPU minutes): ResNet-18, 112-px views (V3 56 px, level thresholds
+# scaled with them), batch 32 for 3 epochs over 256 synthetic 128-px images; then Faster R-CNN
+# R18-FPN (4conv1fc head, BN) fine-tuned on 10% of 480 labelled scenes, the same steps from SoCo
+# and from random initialisation, 32 sampled RoIs per image, 100 test proposals.
+DEMO = dict(pre_images=256, epochs=3, batch_size=32, view_size=112, v3_size=56, ft_images=480, fraction=0.1,
+            det_iters=80, det_batch_size=4, test_images=96)
+
+
+def run_demo(args, env) -> dict:
+    d = DEMO
+    root = Path(args.out if args.out != get_args_parser().get_default("out") else "runs/soco_demo")
+    base = dict(vars(args), data="synthetic", image_size=128, seed=0, backbone="resnet18", workers=2, resume="",
+                log_every=10, checkpoint_every=0, max_steps=None, amp=False, device="cpu")
+    pre = argparse.Namespace(**dict(base, synthetic_images=d["pre_images"], proposals=str(root / "proposals"),
+                                    ss_workers=2, shard_size=32, out=str(root / "pretrain"), epochs=d["epochs"],
+                                    batch_size=d["batch_size"], warmup_epochs=1, view_size=d["view_size"],
+                                    v3_size=d["v3_size"]))
+    t0 = time.perf_counter()
+    table = stage_proposals(pre)
+    t_prop = time.perf_counter() - t0
+    weights = stage_pretrain(pre, env)
+    t_pre = time.perf_counter() - t0 - t_prop
+    # the paper's LR is 0.02 at batch 16; the demo keeps 0.02 at its batch of 4 (det-lr is per 16 images)
+    ft = dict(base, det_data="synthetic", synthetic_images=d["ft_images"], fraction=d["fraction"],
+              det_iters=d["det_iters"], det_batch_size=d["det_batch_size"], det_lr=0.02 * 16 / d["det_batch_size"],
+              det_norm="bn", det_scales=[128], det_max_size=128, det_test_size=128, test_images=d["test_images"],
+              anchor_sizes=[16, 32, 64, 128, 256], box_batch_per_image=32, test_proposals=100, schedule="1x",
+              det_arch="faster_rcnn_fpn", det_weight_decay=None)
+    results = {}
+    for name, w in (("random init", ""), ("SoCo", str(weights))):
+        run = argparse.Namespace(**dict(ft, weights=w, out=str(root / ("finetune_" + name.split()[0].lower()))))
+        results[name] = stage_finetune(run, env)
+    t_all = time.perf_counter() - t0
+    print(f"\nSoCo demo (synthetic, CPU; proposals {t_prop:.0f}s, pre-training {t_pre:.0f}s, total {t_all:.0f}s)")
+    print(f"proposals: {len(table)} images, {table.meta['num_boxes'] / len(table):.1f} boxes per image; "
+          f"pre-training: {d['epochs']} epochs x {d['pre_images']} images, {d['view_size']}-px views")
+    print(f"fine-tune: Faster R-CNN R18-FPN (4conv1fc), {results['SoCo']['train_images']} labelled images, "
+          f"{d['det_iters']} steps at batch {d['det_batch_size']} for both; {d['test_images']} test images")
+    print(f"{'init':<12} {'AP':>6} {'AP50':>6} {'AP75':>6}")
+    for name, m in results.items():
+        print(f"{name:<12} {100 * m['AP']:6.1f} {100 * m['AP50']:6.1f} {100 * m['AP75']:6.1f}")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+def main(args) -> None:
+    if args.demo:
+        env = init_distributed("cpu")
+        run_demo(args, env)
+    elif args.stage == "proposals":
+        stage_proposals(args)
+        return
+    else:
+        env = init_distributed(args.device)
+        if args.stage == "pretrain":
+            stage_pretrain(args, env)
+        else:
+            stage_finetune(args, env)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,347 @@
+"""soco.py: views keep the same objects, level assignment, Eq. 5-6, the momentum schedule, LARS
+groups, transfer into the detector, the proposal table, and smoke runs of every stage (pre-training
+with exact resume, fine-tuning, the demo, 2-process torchrun)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import soco
+from common.detectors import build_detector, load_weights
+from common.distributed import init_distributed
+from common.engine import load_checkpoint
+
+from conftest import run_torchrun
+
+TINY = ["--backbone", "resnet18", "--synthetic-images", "8", "--image-size", "64", "--view-size", "64",
+        "--v3-size", "32", "--batch-size", "4", "--proj-hidden", "64", "--workers", "0", "--device", "cpu",
+        "--log-every", "1"]
+
+
+def parse(*argv):
+    return soco.get_args_parser().parse_args([str(a) for a in argv])
+
+
+# --- Sec. 3.3 scale-aware assignment, Eq. 5-6, momentum -------------------------------------------
+def test_assign_fpn_levels_at_the_boundaries():
+    sides = torch.tensor([1.0, 48.0, 48.5, 96.0, 96.5, 192.0, 192.5, 224.0])
+    boxes = torch.stack([torch.zeros_like(sides), torch.zeros_like(sides), sides, sides], 1)
+    assert soco.assign_fpn_levels(boxes).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    rect = torch.tensor([[10.0, 10.0, 10 + 96.0, 10 + 24.0]])  # sqrt(96 x 24) = 48 -> P2
+    assert soco.assign_fpn_levels(rect).tolist() == [0]
+    # thresholds scale with the view: a 112-px view halves them
+    assert soco.assign_fpn_levels(boxes / 2, view_size=112).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_soco_loss_against_a_hand_computation():
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    v2 = torch.tensor([[1.0, 1.0], [0.0, 5.0]])
+    v3 = torch.tensor([[-3.0, 0.0], [1.0, 0.0]])
+    # proposal 1: -2 cos45 - 2 (-1); proposal 2: -2 (1) - 2 (0)
+    expected = ((-2 / math.sqrt(2) + 2) + (-2 + 0)) / 2
+    assert soco.soco_loss(v, v2, v3).item() == pytest.approx(expected)
+    assert soco.soco_loss(v, v, v).item() == pytest.approx(-4.0)  # the minimum
+    # the symmetrised term: cos is symmetric, so soco_loss(z1, q2, q3) = mean -2cos(q2, z1) - 2cos(q3, z1)
+    assert soco.soco_loss(v2, v, v3).item() == pytest.approx(
+        (-2 * torch.cosine_similarity(v, v2) - 2 * torch.cosine_similarity(v3, v2)).mean().item())
+
+
+def test_target_momentum_schedule():
+    assert soco.target_momentum(0, 100) == pytest.approx(0.99)
+    assert soco.target_momentum(100, 100) == pytest.approx(1.0)
+    assert soco.target_momentum(50, 100) == pytest.approx(0.995)
+    taus = [soco.target_momentum(k, 100, base=0.98) for k in range(101)]
+    assert taus[0] == pytest.approx(0.98) and all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+def test_target_is_an_ema_of_the_online_parameters_only():
+    model = soco.SoCo("fpn", "resnet18", proj_hidden=32)
+    assert all(not p.requires_grad for p in model.target.parameters())
+    assert "predictor" not in dict(model.target.named_children())
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target.parameters()]
+    model.update_target(0.99)
+    for b, t, o in zip(before, model.target.parameters(), model.online.parameters()):
+        assert torch.allclose(t, 0.99 * b + 0.01 * o)
+
+
+# --- Sec. 3.2 proposals ---------------------------------------------------------------------------
+def test_filter_proposals_keeps_the_papers_range():
+    W, H = 100, 100  # sqrt(WH) = 100
+    boxes = np.array([
+        [0, 0, 30, 30],     # size 0.30, ratio 1 -> kept (boundary)
+        [0, 0, 29, 29],     # size 0.29 -> dropped
+        [0, 0, 80, 80],     # size 0.80 -> kept (boundary)
+        [0, 0, 81, 81],     # size 0.81 -> dropped
+        [0, 0, 90, 30],     # ratio 3, size 0.52 -> kept (boundary)
+        [0, 0, 91, 30],     # ratio > 3 -> dropped
+        [0, 0, 20, 60],     # ratio 1/3, size 0.35 -> kept
+        [0, 0, 0, 50],      # empty -> dropped
+    ], np.float32)
+    kept = soco.filter_proposals(boxes, W, H)
+    assert kept.tolist() == boxes[[0, 2, 4, 6]].tolist()
+    assert torch.equal(soco.filter_proposals(torch.from_numpy(boxes), W, H), torch.from_numpy(boxes[[0, 2, 4, 6]]))
+    assert soco.filter_proposals(boxes, W, H, min_side=32).tolist() == [[0, 0, 80, 80]]  # released: w, h >= 32
+
+
+def test_fallback_never_leaves_an_image_without_a_box():
+    tiny = np.array([[0, 0, 5, 5]], np.float32)
+    assert soco.final_proposals(tiny, 100, 80).tolist() == [[0, 0, 100, 80]]
+    relaxed = np.array([[0, 0, 15, 15]], np.float32)  # size 0.15: out of [0.3, 0.8], inside [0.1, 1]
+    assert soco.final_proposals(relaxed, 100, 100).tolist() == relaxed.tolist()
+
+
+def test_proposal_table_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    boxes = [rng.integers(0, 60000, (n, 4)).astype(np.uint16) for n in (3, 1, 7, 2)]
+    soco.ProposalTable.write(tmp_path, boxes, [(480, 640)] * 4, {"source": "x"})
+    table = soco.ProposalTable(tmp_path)
+    assert len(table) == 4 and table.meta["num_boxes"] == 13 and table.image_size(2) == (480, 640)
+    assert isinstance(table.boxes, np.memmap) and table.boxes.dtype == np.uint16
+    for i, b in enumerate(boxes):
+        assert table[i].dtype == np.float32 and table[i].tolist() == b.astype(np.float32).tolist()
+    with pytest.raises(FileNotFoundError, match="soco.py proposals"):
+        soco.ProposalTable(tmp_path / "missing")
+
+
+def test_proposal_stage_is_resumable(tmp_path):
+    args = parse("proposals", "--synthetic-images", 5, "--image-size", 64, "--ss-workers", 1, "--shard-size", 2,
+                 "--proposals", tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir(parents=True)
+    # an interrupted run left shard 1 (images 2-3) behind: it is reused, not recomputed
+    fake = np.array([[1, 2, 30, 40], [3, 4, 50, 60], [0, 0, 64, 64]], np.uint16)
+    np.savez(shards / "000001.npz", boxes=fake, counts=np.array([2, 1]), sizes=np.array([[64, 64], [64, 64]], np.int32))
+    table = soco.stage_proposals(args)
+    assert len(table) == 5 and not shards.exists()
+    assert table[2].tolist() == fake[:2].tolist() and table[3].tolist() == fake[2:].tolist()
+    for i in (0, 1, 4):
+        b = table[i]
+        assert len(b) >= 1 and (b[:, 2] <= 64).all() and (b[:, 3] <= 64).all()
+    assert soco.stage_proposals(args).meta == table.meta  # complete: read back, not redone
+    with pytest.raises(ValueError, match="another image set"):
+        soco.stage_proposals(parse("proposals", "--synthetic-images", 6, "--image-size", 64, "--proposals", tmp_path))
+
+
+# --- Sec. 3.2 views -------------------------------------------------------------------------------
+def _coordinate_image(size=200):
+    """R = x, G = y (in 1/255 of the side): a view's pixel tells where in the original it came from."""
+    ramp = torch.linspace(0, 255, size).round().to(torch.uint8)
+    img = torch.zeros(3, size, size, dtype=torch.uint8)
+    img[0] = ramp[None, :]
+    img[1] = ramp[:, None]
+    return img
+
+
+class _OneImage:
+    def __init__(self, img):
+        self.img = img
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return self.img, {}
+
+
+@pytest.mark.parametrize("extra", [[], ["--v3-crop", "independent", "--star"]])
+def test_views_show_the_same_object_in_every_view(tmp_path, extra):
+    S = 200
+    props = [np.array([[20, 30, 120, 110], [90, 20, 190, 150], [40, 100, 160, 190], [60, 60, 140, 140]], np.uint16)]
+    soco.ProposalTable.write(tmp_path, props, [(S, S)], {"source": "x"})
+    args = parse("--view-size", 224, "--v3-size", 112, "--no-jitter", *extra)
+    ds = soco.SoCoViews(_OneImage(_coordinate_image(S)), soco.ProposalTable(tmp_path), args)
+    v1_scale = 224 / S
+    for seed in range(8):
+        torch.manual_seed(seed)
+        views = ds.geometry(0)
+        assert len(views) == (4 if "--star" in extra else 3)
+        b1 = views[0][1]
+        assert b1.shape == (4, 4)
+        originals = {tuple((p * v1_scale).round().tolist()) for p in props[0].astype(np.float32)}
+        assert all(tuple(b.round().tolist()) in originals for b in b1)  # V1: the proposals themselves
+        for img, boxes, _ in views[1:]:
+            size = img.shape[-1]
+            for k in range(4):
+                x1, y1, x2, y2 = boxes[k].tolist()
+                assert 0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size
+                # the view's pixels at the box corners come from inside V1's box k
+                for x, y in ((x1 + 1, y1 + 1), (x2 - 1, y2 - 1)):
+                    xi, yi = min(int(x), size - 1), min(int(y), size - 1)
+                    ox = img[0, yi, xi].item() / 255 * 224  # position in V1 pixels
+                    oy = img[1, yi, xi].item() / 255 * 224
+                    tol = 3 + 2 * 224 / size
+                    assert b1[k, 0] - tol <= ox <= b1[k, 2] + tol and b1[k, 1] - tol <= oy <= b1[k, 3] + tol
+
+
+def test_v3_is_v2_downsampled_and_flip_moves_boxes_with_pixels(tmp_path):
+    soco.ProposalTable.write(tmp_path, [np.array([[10, 10, 90, 70]], np.uint16)], [(100, 100)], {"source": "x"})
+    args = parse("--view-size", 64, "--v3-size", 32, "--no-jitter")
+    ds = soco.SoCoViews(_OneImage(_coordinate_image(100)), soco.ProposalTable(tmp_path), args)
+    torch.manual_seed(0)
+    (v1, b1, _), (v2, b2, _), (v3, b3, _) = ds.geometry(0)
+    assert torch.allclose(b3, b2 / 2) and v3.shape[-1] == 32
+    img = torch.zeros(3, 10, 10, dtype=torch.uint8)
+    img[:, :, :3] = 255  # the left 3 columns
+    torch.manual_seed(1)
+    for _ in range(20):  # either unchanged or mirrored, always on the white pixels
+        out, b = ds._flip(img, torch.tensor([[0.0, 0.0, 3.0, 10.0]]), 10)
+        x1, x2 = int(b[0, 0]), int(b[0, 2])
+        assert (out[0, :, x1:x2] == 255).all() and (out[0].sum() == 255 * 30)
+
+
+def test_box_jitter_moves_about_half_the_boxes_by_at_most_ten_percent():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[100.0, 100.0, 200.0, 150.0]]).repeat(4000, 1)
+    j = soco.jitter_boxes(boxes, 0.1, 0.5)
+    moved = (j != boxes).any(1)
+    assert 0.45 < moved.float().mean() < 0.55
+    w, h = j[:, 2] - j[:, 0], j[:, 3] - j[:, 1]
+    assert ((w - 100).abs() <= 10 + 1e-4).all() and ((h - 50).abs() <= 5 + 1e-4).all()
+    cx = (j[:, 0] + j[:, 2]) / 2
+    assert ((cx - 150).abs() <= 10 + 1e-4).all()
+
+
+# --- Sec. 4.1 optimiser ---------------------------------------------------------------------------
+def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
+    model = soco.SoCo("fpn", "resnet18", proj_hidden=32)
+    opt = soco.build_optimizer(model, lr=0.5, weight_decay=1e-5, momentum=0.9, trust_coeff=0.001)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert (g["weight_decay"] == 0) == (p.ndim == 1), names[id(p)]
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not grouped & {id(p) for p in model.target.parameters()}  # the target is not optimised
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    # one step: a bias moves by exactly lr x grad (no adaptation); a weight by the trust-scaled step
+    lin = nn.Linear(3, 2)
+    opt = soco.build_optimizer(lin, lr=0.5, weight_decay=1e-5, momentum=0.9, trust_coeff=0.001)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.weight.grad, lin.bias.grad = torch.ones_like(w0), torch.ones_like(b0)
+    opt.step()
+    assert torch.allclose(lin.bias, b0 - 0.5)
+    g = torch.ones_like(w0) + 1e-5 * w0
+    trust = 0.001 * w0.norm() / (torch.ones_like(w0).norm() + 1e-5 * w0.norm())
+    assert torch.allclose(lin.weight, w0 - 0.5 * trust * g, atol=1e-7)
+
+
+# --- Sec. 4.2 transfer ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,detector,box_head", [("fpn", "faster_rcnn_fpn", "4conv1fc"),
+                                                     ("c4", "faster_rcnn_c4", "2mlp")])
+def test_transfer_loads_every_backbone_fpn_and_head_tensor(arch, detector, box_head):
+    model = soco.SoCo(arch, "resnet18", proj_hidden=32)
+    sd = soco.transfer_state_dict(model)
+    assert not any("projector" in k or "predictor" in k or k.startswith("target") for k in sd)
+    det = build_detector(detector, 8, "resnet18", norm="bn", trainable_layers=5, box_head=box_head)
+    report = load_weights(det, sd, verbose=False)
+    want = {k for k in det.state_dict() if k.startswith(("backbone.", "roi_heads.box_head."))
+            and not k.endswith("num_batches_tracked")}
+    assert want <= set(report.loaded) and not report.unused and not report.skipped
+    got = det.state_dict()
+    assert all(torch.equal(got[k], sd[k]) for k in want)
+    if arch == "fpn":
+        assert any(k.startswith("backbone.fpn.") for k in want) and any(k.startswith("roi_heads.box_head.") for k in want)
+
+
+def test_encoder_pools_each_box_from_its_level():
+    enc = soco.ObjectEncoder("fpn", "resnet18", head=False).eval()
+    images = torch.randn(2, 3, 224, 224)
+    boxes = torch.tensor([[[0, 0, 40, 40], [0, 0, 200, 200]], [[10, 10, 100, 100], [0, 0, 150, 150]]], dtype=torch.float32)
+    h = enc(images, boxes)
+    assert h.shape == (4, 256)
+    feats = list(enc.backbone(images).values())
+    assert len(feats) == 4  # P2-P5, no P6
+    from torchvision.ops import roi_align
+    lvl = soco.assign_fpn_levels(boxes.reshape(-1, 4)).tolist()
+    assert lvl == [0, 3, 1, 2]
+    for i, (b, l) in enumerate(zip(boxes.reshape(-1, 4), lvl)):
+        ref = roi_align(feats[l], torch.cat([torch.tensor([i // 2.0]), b])[None], 7, 1 / soco.FPN_STRIDES[l], 0, True)
+        assert torch.allclose(h[i], ref.mean((2, 3))[0], atol=1e-5)
+
+
+# --- smoke runs -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def proposals(tmp_path_factory):
+    path = tmp_path_factory.mktemp("soco") / "proposals"
+    soco.stage_proposals(parse("proposals", *TINY, "--ss-workers", 1, "--proposals", path))
+    return path
+
+
+def test_pretrain_resumes_exactly_and_writes_transferable_weights(tmp_path, proposals):
+    env = init_distributed("cpu")
+    common = [*TINY, "--proposals", proposals, "--epochs", 2, "--checkpoint-every", 1]
+    soco.stage_pretrain(parse(*common, "--out", tmp_path / "full"), env)
+    soco.stage_pretrain(parse(*common, "--out", tmp_path / "part", "--max-steps", 3), env)
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pth")["step"] == 3
+    soco.stage_pretrain(parse(*common, "--out", tmp_path / "part", "--resume", "auto"), env)
+    a, b = load_checkpoint(tmp_path / "full" / "checkpoint.pth"), load_checkpoint(tmp_path / "part" / "checkpoint.pth")
+    assert a["step"] == b["step"] == 4
+    assert any(k.startswith("target.") for k in a["model"])  # the momentum network is checkpointed
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    w = load_checkpoint(tmp_path / "full" / "soco_weights.pth")["model"]
+    assert any(k.startswith("backbone.fpn.") for k in w) and any(k.startswith("roi_heads.box_head.") for k in w)
+
+
+@pytest.mark.parametrize("flags", [["--arch", "c4"], ["--star", "--proposals-kind", "random", "--no-scale-aware"],
+                                   ["--no-fpn", "--no-head", "--no-v3", "--proposals-kind", "whole"]])
+def test_pretrain_variants_and_ablations_run(tmp_path, proposals, flags):
+    env = init_distributed("cpu")
+    soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--max-steps", 1, "--out", tmp_path, *flags), env)
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
+
+
+def test_finetune_from_soco_weights(tmp_path, proposals):
+    env = init_distributed("cpu")
+    soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--max-steps", 1, "--out", tmp_path / "pre"), env)
+    metrics = soco.stage_finetune(parse(
+        "finetune", *TINY, "--weights", tmp_path / "pre" / "soco_weights.pth", "--synthetic-images", 20,
+        "--fraction", 0.5, "--det-iters", 2, "--det-batch-size", 2, "--det-norm", "bn", "--det-scales", 64,
+        "--det-max-size", 64, "--det-test-size", 64, "--anchor-sizes", 16, 32, 64, 128, 256,
+        "--box-batch-per-image", 16, "--test-proposals", 20, "--test-images", 4, "--out", tmp_path / "ft"), env)
+    assert metrics["train_images"] == 10 and {"AP", "AP50", "AP75"} <= set(metrics)
+    assert (tmp_path / "ft" / "split.json").is_file()
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(soco, "DEMO", dict(pre_images=8, epochs=1, batch_size=4, view_size=64, v3_size=32,
+                                           ft_images=20, fraction=0.2, det_iters=2, det_batch_size=2, test_images=4))
+    args = parse("--demo", "--out", tmp_path, "--proj-hidden", 64)
+    results = soco.run_demo(args, init_distributed("cpu"))
+    assert set(results) == {"random init", "SoCo"}
+    assert parse("--demo").demo and parse().stage == "pretrain" and parse().epochs == 100
+
+
+def test_cli_defaults_are_the_papers():
+    a = parse()
+    assert (a.batch_size, a.base_lr, a.weight_decay, a.warmup_epochs, a.tau) == (2048, 1.0, 1e-5, 10, 0.99)
+    assert (a.num_proposals, a.view_size, a.v3_size, a.v4_size, tuple(a.crop_scale)) == (4, 224, 112, 192, (0.5, 1.0))
+    assert (a.jitter, a.jitter_prob, a.proj_hidden, a.proj_dim, a.arch) == (0.1, 0.5, 4096, 256, "fpn")
+    assert not (a.star or a.no_fpn or a.no_head or a.no_scale_aware or a.no_jitter or a.no_v3)
+    assert a.proposals_kind == "selective_search" and a.ss_mode == "fast" and a.v3_crop == "downsample"
+
+
+def test_torchrun_two_processes(tmp_path, proposals):
+    run_torchrun(["soco.py", *TINY, "--proposals", proposals, "--max-steps", 2, "--out", tmp_path])
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 2
+    assert (tmp_path / "soco_weights.pth").is_file()
+
+
+def test_imagefolder_images_get_proposals_and_views(tmp_path):
+    from common.data import SyntheticDetection, export_imagefolder
+
+    root = export_imagefolder(SyntheticDetection(4, 80, mode="object", seed=1), tmp_path / "imagenet" / "train")
+    for d in root.iterdir():  # classes without an image (torchvision's ImageFolder refuses empty ones)
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    argv = ["--data", tmp_path / "imagenet", "--proposals", tmp_path / "props", "--view-size", 64, "--v3-size", 32]
+    table = soco.stage_proposals(parse("proposals", *argv, "--ss-workers", 1))
+    assert len(table) == 4 and table.meta["source"].startswith("sha1:")
+    args = parse(*argv)
+    ds = soco.SoCoViews(soco.build_image_source(args), table, args)
+    images, boxes = ds[0]
+    assert [im.shape[-1] for im in images] == [64, 64, 32] and all(b["boxes"].shape == (4, 4) for b in boxes)
