@@ -308,15 +308,20 @@ class ClassStatistics:
         self.score_sums += step[0].cpu()
         self.counts += step[1].cpu()
 
-    def thresholds(self, tau, gamma1, gamma2, clip):
-        return dynamic_thresholds(self.score_sums, self.counts, tau, gamma1, gamma2, clip)
-
     def state_dict(self) -> dict:
         return {"score_sums": self.score_sums.clone(), "counts": self.counts.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.score_sums = state["score_sums"].clone().double()
         self.counts = state["counts"].clone().double()
+
+
+def class_thresholds(class_stats: ClassStatistics, args):
+    """tau_m and mu_m (Eq. 3.6) from the statistics so far; DT / RE off = gamma1 / gamma2 = 0 (Table 3.7)."""
+    gamma1 = args.gamma1 if args.dynamic_threshold else 0.0
+    gamma2 = args.gamma2 if args.reweight else 0.0
+    return dynamic_thresholds(class_stats.score_sums, class_stats.counts, args.tau, gamma1, gamma2,
+                              tuple(args.tau_clip))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,9 +451,7 @@ def student_loss(model, images, targets, *, teacher, class_stats: ClassStatistic
     """Eq. 3.2 on one mixed batch: labelled targets as given; unlabelled images (those carrying a
     `weak_image`) get the teacher's pseudo labels under tau_m; every box carries mu_m of its class
     and every pseudo-labelled image lambda_u (Eq. 3.6)."""
-    gamma1 = args.gamma1 if args.dynamic_threshold else 0.0  # Table 3.7: 0 disables
-    gamma2 = args.gamma2 if args.reweight else 0.0
-    tau_m, mu_m = class_stats.thresholds(args.tau, gamma1, gamma2, tuple(args.tau_clip))  # Eq. 3.6
+    tau_m, mu_m = class_thresholds(class_stats, args)  # Eq. 3.6
     device = images[0].device
     tau_m, mu_m = tau_m.float().to(device), mu_m.float().to(device)
     unlabeled = [i for i, t in enumerate(targets) if "weak_image" in t]
@@ -668,9 +671,7 @@ def run(args, env) -> dict:
         results["teacher_heldout"] = evaluate(args, env, teacher, HeldOut(unlabeled, args.heldout_images), rare)
     student, class_stats = train_student(args, env, teacher, labeled, unlabeled, out / "student")
     results["student"] = evaluate(args, env, student, val_set, rare)
-    gamma1 = args.gamma1 if args.dynamic_threshold else 0.0
-    gamma2 = args.gamma2 if args.reweight else 0.0
-    tau_m, mu_m = class_stats.thresholds(args.tau, gamma1, gamma2, tuple(args.tau_clip))
+    tau_m, mu_m = class_thresholds(class_stats, args)
     results["class_stats"] = {"counts": class_stats.counts.tolist(), "score_sums": class_stats.score_sums.tolist(),
                               "tau_m": tau_m.tolist(), "mu_m": mu_m.tolist()}
     results["minutes"] = (time.time() - t0) / 60

@@ -139,8 +139,10 @@ def test_class_statistics_update_and_state():
     copy = sc.ClassStatistics(3)
     copy.load_state_dict(stats.state_dict())
     assert torch.equal(copy.score_sums, stats.score_sums) and torch.equal(copy.counts, stats.counts)
-    tau_m, mu_m = copy.thresholds(0.7, 0.05, 0.6, (0.4, 0.9))
-    assert torch.allclose(tau_m, sc.dynamic_thresholds(stats.score_sums, stats.counts)[0])
+    tau_m, mu_m = sc.class_thresholds(copy, tiny_args())
+    assert torch.equal(tau_m, sc.dynamic_thresholds(stats.score_sums, stats.counts)[0])
+    tau_m, mu_m = sc.class_thresholds(copy, tiny_args("--no-dynamic-threshold", "--no-reweight"))
+    assert tau_m.tolist() == pytest.approx([0.7] * 3) and mu_m.tolist() == [1.0] * 3
 
 
 # ---------------------------------------------------------------- losses
