@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ def bench_table(images: int, boxes_per_image: int, workers: int, reads: int) -> 
         print(f"proposal table: {images} images, {total} boxes, "
               f"{sum(f.stat().st_size for f in root.iterdir()) / 2**20:.0f} MiB on disk "
               f"(written in {time.perf_counter() - t:.1f}s)")
+        warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores
         loader = DataLoader(_Reader(root, reads), batch_size=None, num_workers=workers,
                             sampler=range(workers), persistent_workers=False)
         t = time.perf_counter()
