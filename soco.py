@@ -37,14 +37,15 @@ CHOICE (the paper is silent):
   Tab. 4 row 1).
 - Fine-tuning (Sec. 4.2) uses detectron2's scales (COCO short side 640-800, VOC 480-800, max 1333,
   test 800), SGD momentum 0.9, warm-up from 0.001 over 1000 iterations (COCO) / 100 (VOC).
-- Level thresholds and the blur kernel (23 px at 224, BYOL) scale with `--view-size` / 224, so a
+- Level thresholds scale with `--view-size` / 224 (V1's side; one set of thresholds for every
+  view, so V3's boxes still drop a level), as does the blur kernel (23 px at 224, BYOL): a
   small-view run (the demo's 112 px) keeps the paper's relative assignment.
 - Proposals are stored as whole pixels (uint16) without repeated boxes; `--ss-max-side` (off)
   runs selective search on a downscaled copy for speed.
 - SyncBN (Sec. 4.1) is used on more than one GPU; PyTorch has no SyncBN on the CPU, where a
   multi-process run keeps per-rank BN statistics.
 - The demo (`DEMO`, `run_demo`) shrinks everything to fit a few CPU minutes: ResNet-18, 112-px
-  views, 3 epochs over 256 synthetic images, and a 10%-labelled fine-tune of 80 steps.
+  views, 2 epochs over 256 synthetic images, and a 10%-labelled fine-tune of 60 steps.
 
 Released-code facts followed (IMPLEMENTATION_NOTES.md, SoCo): RoIAlign 7x7 aligned=True; head
 4 x (conv 3x3 256 + BN + ReLU) + fc 1024; projector 1024 -> 4096 (BN, ReLU) -> 256, predictor
@@ -238,10 +239,10 @@ class ObjectEncoder(nn.Module):
     `transfer_state_dict` only prefixes `roi_heads.` to the head."""
 
     def __init__(self, arch: str = "fpn", backbone: str = "resnet50", fpn: bool = True, head: bool = True,
-                 scale_aware: bool = True):
+                 scale_aware: bool = True, view_size: int = 224):
         super().__init__()
         resnet = getattr(tv_resnet, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
-        self.scale_aware = scale_aware
+        self.scale_aware, self.view_size = scale_aware, view_size  # V1's side: the level thresholds' scale
         if arch == "c4":  # Sec. 3.3: RoIAlign on C4, the whole res5 as the head
             self.strides, self.roi_size = (16,), 14  # 14x14 -> res5 -> 7x7, as the C4 detector
             self.backbone = C4Backbone(resnet)
@@ -262,12 +263,14 @@ class ObjectEncoder(nn.Module):
             self.box_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             self.out_dim = channels
 
-    def levels(self, boxes: torch.Tensor, view_size: int) -> torch.Tensor:
+    def levels(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Pyramid level of each box; the same pixel thresholds in every view, so a box in V3 (half
+        the side) lands a level below the same box in V2: the scale augmentation of Sec. 3.3."""
         if len(self.strides) == 1:
             return torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
         if self.scale_aware:
-            return assign_fpn_levels(boxes, view_size)
-        return fpn_paper_levels(boxes, view_size)
+            return assign_fpn_levels(boxes, self.view_size)
+        return fpn_paper_levels(boxes, self.view_size)
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S), boxes (B, K, 4) in view pixels -> h (B * K, out_dim)."""
@@ -276,7 +279,7 @@ class ObjectEncoder(nn.Module):
         flat = boxes.reshape(B * K, 4).float()
         batch_idx = torch.arange(B, device=boxes.device).repeat_interleave(K).to(flat.dtype)
         rois = torch.cat([batch_idx[:, None], flat], dim=1)  # (B * K, 5)
-        level = self.levels(flat, images.shape[-1])  # (B * K,)
+        level = self.levels(flat)  # (B * K,)
         pooled = feats[0].new_zeros(B * K, feats[0].shape[1], self.roi_size, self.roi_size)
         for lvl, (feat, stride) in enumerate(zip(feats, self.strides)):
             idx = torch.nonzero(level == lvl).squeeze(1)
@@ -295,9 +298,9 @@ class SoCo(nn.Module):
     (encoder + projector g_xi, no predictor), Eq. (2-4)."""
 
     def __init__(self, arch="fpn", backbone="resnet50", fpn=True, head=True, scale_aware=True,
-                 proj_hidden=4096, proj_dim=256):
+                 proj_hidden=4096, proj_dim=256, view_size=224):
         super().__init__()
-        encoder = ObjectEncoder(arch, backbone, fpn, head, scale_aware)
+        encoder = ObjectEncoder(arch, backbone, fpn, head, scale_aware, view_size)
         self.online = nn.ModuleDict({"encoder": encoder, "projector": mlp(encoder.out_dim, proj_hidden, proj_dim)})
         self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
         self.target = copy.deepcopy(self.online)
@@ -338,7 +341,7 @@ def transfer_state_dict(model: SoCo) -> dict:
 # --------------------------------------------------------------------------------------------
 def assign_fpn_levels(boxes: torch.Tensor, view_size: int = 224) -> torch.Tensor:
     """Sec. 3.3 scale-aware assignment: sqrt(area) <= 48 -> P2 (0), <= 96 -> P3, <= 192 -> P4, else P5.
-    Thresholds are for 224-pixel views and scale with `view_size` / 224 (equal at 224)."""
+    The thresholds are for V1 = 224 px; `view_size` is V1's side when it is not 224 (they scale with it)."""
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
     s = torch.sqrt(wh[:, 0] * wh[:, 1]) * (224.0 / view_size)
     return (s > 48).long() + (s > 96).long() + (s > 192).long()
@@ -748,7 +751,8 @@ def stage_pretrain(args, env) -> Path:
     loader = build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
                           collate_fn=default_collate, group_by_aspect_ratio=False)
     model = SoCo(args.arch, args.backbone, fpn=not args.no_fpn, head=not args.no_head,
-                 scale_aware=not args.no_scale_aware, proj_hidden=args.proj_hidden, proj_dim=args.proj_dim)
+                 scale_aware=not args.no_scale_aware, proj_hidden=args.proj_hidden, proj_dim=args.proj_dim,
+                 view_size=args.view_size)
     # SyncBN on more than one GPU (Sec. 4.1); PyTorch has no SyncBN on the CPU, where BN stays per rank
     model = wrap_ddp(model, env, sync_bn=env.distributed and env.device.type == "cuda")
     optimizer = build_optimizer(unwrap(model), lr, args.weight_decay, args.lars_momentum, args.trust_coeff)
@@ -834,11 +838,11 @@ def stage_finetune(args, env) -> dict:
 # Demo: every stage on synthetic images, CPU, minutes
 # --------------------------------------------------------------------------------------------
 # CHOICE (demo only, to fit a few CPU minutes): ResNet-18, 112-px views (V3 56 px, level thresholds
-# scaled with them), batch 32 for 3 epochs over 256 synthetic 128-px images; then Faster R-CNN
+# scaled with them), batch 32 for 2 epochs over 256 synthetic 128-px images; then Faster R-CNN
 # R18-FPN (4conv1fc head, BN) fine-tuned on 10% of 480 labelled scenes, the same steps from SoCo
 # and from random initialisation, 32 sampled RoIs per image, 100 test proposals.
-DEMO = dict(pre_images=256, epochs=3, batch_size=32, view_size=112, v3_size=56, ft_images=480, fraction=0.1,
-            det_iters=80, det_batch_size=4, test_images=96)
+DEMO = dict(pre_images=256, epochs=2, batch_size=32, view_size=112, v3_size=56, ft_images=480, fraction=0.1,
+            det_iters=60, det_batch_size=4, test_images=96)
 
 
 def run_demo(args, env) -> dict:

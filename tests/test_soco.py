@@ -31,8 +31,16 @@ def test_assign_fpn_levels_at_the_boundaries():
     assert soco.assign_fpn_levels(boxes).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     rect = torch.tensor([[10.0, 10.0, 10 + 96.0, 10 + 24.0]])  # sqrt(96 x 24) = 48 -> P2
     assert soco.assign_fpn_levels(rect).tolist() == [0]
-    # thresholds scale with the view: a 112-px view halves them
+    # thresholds scale with V1's side: 112-px views halve them
     assert soco.assign_fpn_levels(boxes / 2, view_size=112).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_a_box_in_v3_is_pooled_one_level_below_the_same_box_in_v2():
+    enc = soco.ObjectEncoder("fpn", "resnet18", head=False)
+    b2 = torch.tensor([[0.0, 0.0, 150.0, 150.0], [0.0, 0.0, 80.0, 80.0]])  # in a 224-px V2
+    assert enc.levels(b2).tolist() == [2, 1] and enc.levels(b2 / 2).tolist() == [1, 0]  # V3 = V2 / 2
+    small = soco.ObjectEncoder("fpn", "resnet18", head=False, view_size=112)  # a 112-px V1 (demo)
+    assert small.levels(b2 / 2).tolist() == [2, 1] and small.levels(b2 / 4).tolist() == [1, 0]
 
 
 def test_soco_loss_against_a_hand_computation():
