@@ -562,7 +562,11 @@ def train_teacher(args, env, num_classes, labeled, out_dir: Path) -> nn.Module:
     seed_everything(args.seed)
     model = build_ssod_detector(args, num_classes)
     if args.teacher:
-        model.load_state_dict(load_checkpoint(args.teacher)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(args.teacher)["model"])
+        except RuntimeError as e:
+            raise ValueError(f"--teacher {args.teacher} does not fit this detector (side-aware vs regression head, "
+                             f"--num-buckets, --backbone?): {str(e).splitlines()[0]}") from e
         return model.to(env.device)
     weak = detection_transforms(True, args.train_scales, args.max_size)
     iters = args.teacher_iters or max(1, round(600_000 * args.labeled_fraction))
@@ -700,7 +704,7 @@ def main(args) -> dict:
 DEMO_DEFAULTS = dict(
     data="synthetic", long_tail=10.0, synthetic_train=800, synthetic_val=100, synthetic_size=64,
     labeled_fraction=0.1, backbone="resnet18", norm="bn", trainable_layers=5, min_size=64, max_size=64,
-    train_scales=[64], anchor_sizes=[16, 32, 64, 128, 256], proposals=100, roi_batch=64, batch_size=4, lr=0.02,
+    train_scales=[64], anchor_sizes=[16, 32, 64, 128, 256], proposals=50, roi_batch=32, batch_size=4, lr=0.02,
     warmup_iters=30, teacher_iters=150, student_iters=150, num_rare=3, heldout_images=100, workers=1,
     device="cpu", log_every=10, output_dir="runs/ssod_certainty_demo")
 

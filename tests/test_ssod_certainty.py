@@ -349,3 +349,12 @@ def test_flags_and_demo_defaults():
     d = sc.parse_args(["--demo", "--student-iters", "3"])
     assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 10
     assert isinstance(d, argparse.Namespace)
+
+
+def test_teacher_of_the_other_head_is_a_clear_error(tmp_path):
+    torch.save({"model": tiny_detector(certainty_aware=False).state_dict()}, tmp_path / "reg.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        sc.train_teacher(tiny_args("--teacher", tmp_path / "reg.pth"), argparse.Namespace(device="cpu"), 8, None,
+                         tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        sc.train_teacher(tiny_args("--teacher", tmp_path / "missing.pth"), None, 8, None, tmp_path)
