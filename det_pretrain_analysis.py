@@ -46,6 +46,7 @@ CHOICE (the paper is silent):
 - Mask-out: the blank patch is zero on the normalised input (the mean colour), as Zeiler and
   Fergus's grey square; positions are patch centres on a grid of `--mask-stride` pixels (1 = every
   pixel, as in Fig. 5), the patch clipped at the border. The classifier on top is the Tab. 6 probe.
+  The figure shows test images that every network's probe classifies correctly, first.
 - Category removal (Tab. 2): the pre-training set loses every image holding a removed category (as
   removing an ImageNet-LOC class removes its images), the detector is pre-trained on the rest with
   `--pretrain-*` settings, then fine-tuned like every other network; the table reports VOC AP at
@@ -81,7 +82,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +97,7 @@ from common.data import (DetectionSubset, SyntheticDetection, build_classificati
 from common.detectors import (_state_dict_from, backbone_state_dict, build_classifier, build_detector,
                               load_weights)
 from common.distributed import (all_gather_object, barrier, cleanup, init_distributed, is_main,
-                                seed_everything, unwrap, wrap_ddp)
+                                seed_everything, wrap_ddp)
 from common.engine import build_scheduler, save_checkpoint, train_detector
 from common.evaluation import predict, voc_evaluate
 
@@ -119,6 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--det-batch-size", type=int, default=16, help="global batch (CHOICE)")
     h.add_argument("--det-lr", type=float, default=0.02, help="LR at --det-batch-size (CHOICE, Detectron)")
     h.add_argument("--det-warmup", type=int, default=100, help="warm-up iterations (CHOICE)")
+    h.add_argument("--clip-grad", type=float, default=0.0, help="gradient-norm clipping of every training (0: off)")
     h.add_argument("--det-scales", type=int, nargs="+", default=[800], help="training shortest sides (DEVIATION)")
     h.add_argument("--det-max-size", type=int, default=1333)
     h.add_argument("--det-test-size", type=int, default=800)
@@ -157,7 +158,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--det-train-split", default="trainval")
     g.add_argument("--det-test-data", default="", help="default: --det-data")
     g.add_argument("--det-test-split", default="test")
-    g.add_argument("--cls-data", default="synthetic", help="'synthetic' or an ImageFolder root ({root}/{split}/<class>/)")
+    g.add_argument("--cls-data", default="synthetic",
+                   help="'synthetic' or an ImageFolder root ({root}/{split}/<class>/)")
     g.add_argument("--cls-train-split", default="train")
     g.add_argument("--cls-test-split", default="test")
     g.add_argument("--pretrain-data", default="synthetic", help="Tab. 2 pre-training set (detection format)")
@@ -354,17 +356,23 @@ def cosine_distances(f: np.ndarray) -> np.ndarray:
 
 def closest_pairs(dist: np.ndarray, num: int) -> list[tuple[int, int, float]]:
     """The `num` unordered pairs (i < j) with the smallest distance."""
-    i, j = np.triu_indices(len(dist), 1)
-    order = np.argsort(dist[i, j], kind="stable")[:num]
-    return [(int(i[o]), int(j[o]), float(dist[i[o], j[o]])) for o in order]
+    d = np.where(np.tri(len(dist), dtype=bool), np.inf, dist)  # keep i < j only
+    flat = np.argpartition(d.ravel(), min(num, d.size - 1))[:num]
+    flat = flat[np.argsort(d.ravel()[flat], kind="stable")]
+    return [(int(f // len(d)), int(f % len(d)), float(d.ravel()[f])) for f in flat if np.isfinite(d.ravel()[f])]
 
 
 def close_but_distant_pairs(dist_a, close_a, far_b, num: int) -> list[tuple[int, int, float]]:
     """Pairs in one cluster of A's finest clustering (`close_a`) but in different clusters of B's
     coarse one (`far_b`), closest in A first (Fig. 3, middle)."""
-    i, j = np.triu_indices(len(dist_a), 1)
-    keep = (close_a[i] == close_a[j]) & (far_b[i] != far_b[j])
-    i, j = i[keep], j[keep]
+    i, j = [], []
+    for c in np.unique(close_a):
+        idx = np.flatnonzero(close_a == c)
+        u, v = np.triu_indices(len(idx), 1)
+        keep = far_b[idx[u]] != far_b[idx[v]]
+        i.append(idx[u][keep])
+        j.append(idx[v][keep])
+    i, j = np.concatenate(i), np.concatenate(j)
     order = np.argsort(dist_a[i, j], kind="stable")[:num]
     return [(int(i[o]), int(j[o]), float(dist_a[i[o], j[o]])) for o in order]
 
@@ -419,7 +427,8 @@ def without_categories(dataset, names) -> list[int]:
     """Indices of the images holding none of the categories `names` (Tab. 2's pre-training set)."""
     unknown = [n for n in names if n not in dataset.classes]
     if unknown:
-        raise ValueError(f"--remove-categories {unknown} are not classes of the pre-training set {list(dataset.classes)}")
+        raise ValueError(f"--remove-categories {unknown} are not classes of the pre-training set "
+                         f"{list(dataset.classes)}")
     drop = {list(dataset.classes).index(n) + 1 for n in names}
     return [i for i in range(len(dataset)) if not drop & set(dataset.annotations(i)["labels"].tolist())]
 
@@ -524,7 +533,8 @@ def finetune_detection(args, env, net: Net, out: Path) -> dict:
     scheduler = build_scheduler(optimizer, args.det_epochs * iters, warmup_steps=min(args.det_warmup, iters),
                                 milestones=[e * iters for e in args.det_lr_steps])
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=args.det_epochs, out_dir=out,
-                   args=args, amp=args.amp, resume=_resume(args, out), desc=f"detection {net.name}")
+                   args=args, amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out),
+                   desc=f"detection {net.name}")
     predictions, targets = predict(model, test_loader, env.device)
     curve = ap_vs_iou(predictions, targets, sorted(set(args.iou_thresholds) | {0.5, 0.7}))
     names = list(test_set.classes)
@@ -545,8 +555,8 @@ def train_classifier(args, env, model, train_set, out: Path, *, epochs, lr, batc
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scheduler = build_scheduler(optimizer, total, warmup_steps=min(50, total // 10), schedule="cosine")
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args,
-                   loss_fn=classification_loss, amp=args.amp, resume=_resume(args, out), max_steps=max_steps,
-                   desc=desc)
+                   loss_fn=classification_loss, amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out),
+                   max_steps=max_steps, desc=desc)
     return model.eval()
 
 
@@ -590,7 +600,8 @@ def pretrain_detector(args, env, dataset, out: Path, init: Net | None = None) ->
     scheduler = build_scheduler(optimizer, total, warmup_steps=min(args.det_warmup, total // 5),
                                 milestones=[int(total * 2 / 3), int(total * 8 / 9)])
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args,
-                   amp=args.amp, resume=_resume(args, out), max_steps=total, desc=f"pre-train {out.name}")
+                   amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out), max_steps=total,
+                   desc=f"pre-train {out.name}")
     if is_main():
         (out / "done").write_text("finished\n")
     barrier()
@@ -649,7 +660,7 @@ def run_head_probes(args, env, nets) -> dict:
 
 
 def run_features(args, nets, feats, report: Path) -> dict:
-    """App. 6.1: k-means co-membership (Fig. 6), t-SNE (Fig. 7), closest pairs (Fig. 3)."""
+    """App. 6.1: k-means co-membership (Fig. 6), t-SNE (Fig. 7), closest pairs (Fig. 3). Rank 0."""
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
@@ -675,14 +686,12 @@ def run_features(args, nets, feats, report: Path) -> dict:
                                                                             clusters[a][coarse], args.pairs),
                    f"closest in {b}": closest_pairs(dists[b], args.pairs)}
         res["pairs"][f"{a}|{b}"]["examples"] = {k: [p[:2] for p in v] for k, v in columns.items()}
-        if is_main():
-            _pairs_figure(args, columns, report / f"fig3_pairs_{a}_vs_{b}.png")
+        _pairs_figure(args, columns, report / f"fig3_pairs_{a}_vs_{b}.png")
     ax.set_xscale("log")
     ax.set(xlabel="number of clusters", ylabel="probability", ylim=(0, 1.02), title="Fig. 6: k-means co-membership")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    if is_main():
-        fig.savefig(report / "fig6_comembership.png", dpi=120)
+    fig.savefig(report / "fig6_comembership.png", dpi=120)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(nets), figsize=(4 * len(nets), 4), squeeze=False)
@@ -691,8 +700,7 @@ def run_features(args, nets, feats, report: Path) -> dict:
         ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "nipy_spectral", s=6)
         ax.set(title=f"Fig. 7: t-SNE of Conv5, {name}", xticks=[], yticks=[])
     fig.tight_layout()
-    if is_main():
-        fig.savefig(report / "fig7_tsne.png", dpi=120)
+    fig.savefig(report / "fig7_tsne.png", dpi=120)
     plt.close(fig)
     return res
 
@@ -718,7 +726,7 @@ def _pairs_figure(args, columns: dict, path: Path) -> None:
 
 
 def run_visualisation(args, env, nets, feats, report: Path) -> dict:
-    """Fig. 4 (Conv5 activation maps) and Fig. 5 (mask-out maps with the Tab. 6 probe on top)."""
+    """Fig. 4 (Conv5 activation maps) and Fig. 5 (mask-out maps with the Tab. 6 probe on top). Rank 0."""
     import matplotlib.pyplot as plt
 
     test_set = cls_dataset(args, args.cls_test_split, False)
@@ -750,7 +758,14 @@ def run_visualisation(args, env, nets, feats, report: Path) -> dict:
     plt.close(fig)
 
     res = {}
-    picks = list(range(min(k, len(test_set))))
+    # Fig. 5 shows images every probe recognises (the probability of a class no network predicts
+    # is near zero everywhere); the first test images fill up the rest
+    right = np.ones(len(test_set), bool)
+    for name in nets:
+        x_test, y_test = feats(name, args.cls_test_split)
+        logits = feats.cache[(name, "probe")](torch.as_tensor(x_test))
+        right &= logits.argmax(1).numpy() == y_test
+    picks = (np.flatnonzero(right).tolist() + np.flatnonzero(~right).tolist())[:k]
     fig, axes = plt.subplots(len(picks), 1 + len(nets), figsize=(2.2 * (1 + len(nets)), 2.2 * len(picks)),
                              squeeze=False)
     for c, (name, resnet) in enumerate(models.items(), start=1):
@@ -780,6 +795,9 @@ def run_removal(args, env, nets, report: Path) -> dict:
     """Tab. 2: a detector pre-trained without --remove-categories, fine-tuned like the others; VOC AP
     at IoU 0.7 on the removed categories for every network."""
     names = args.remove_categories
+    downstream = det_dataset(args, args.det_test_split, args.det_test_data).classes
+    if unknown := [n for n in names if n not in downstream]:
+        raise ValueError(f"--remove-categories {unknown} are not classes of the fine-tuning set {list(downstream)}")
     pre = det_dataset(args, args.pretrain_split, args.pretrain_data,
                       detection_transforms(True, args.det_scales, args.det_max_size, args.hflip))
     keep = without_categories(pre, names)
@@ -794,9 +812,8 @@ def run_removal(args, env, nets, report: Path) -> dict:
     res = {"removed": names, "pretrain_images": len(keep), "of": len(pre), "AP@0.7": {}}
     for name, net in rows.items():
         r = finetune_detection(args, env, net, report / "detection" / _slug(name))
-        per_class = r["AP"]["0.7"]
-        res["AP@0.7"][name] = {**{c: per_class.get(c, 0.0) for c in names},
-                               "mean": float(np.mean([per_class.get(c, 0.0) for c in names]))}
+        ap = [r["AP"]["0.7"].get(c, math.nan) for c in names]  # NaN: no ground truth in the test set
+        res["AP@0.7"][name] = {**dict(zip(names, ap)), "mean": float(np.mean(ap))}
     return res
 
 
@@ -915,7 +932,8 @@ def main(args) -> dict:
             if is_main():
                 ap_curve_figure(results["detection"], report / "fig1_ap_vs_iou.png")
         if "classification" in todo:
-            stage("classification", lambda: {n: finetune_classification(args, env, v, report / "classification" / _slug(n))
+            stage("classification", lambda: {n: finetune_classification(args, env, v,
+                                                                        report / "classification" / _slug(n))
                                              for n, v in nets.items()})
         if "probes" in todo:
             stage("probes", lambda: run_probes(args, env, nets, feats))
@@ -953,12 +971,12 @@ def demo(args) -> dict:
     t0 = time.time()
     out = Path(args.out if args.out != get_args_parser().get_default("out") else "runs/det_pretrain_analysis_demo")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    steps, batch = 50, 8  # the shared pre-training budget: 50 iterations of 8 images
+    steps, batch = 60, 8  # the shared pre-training budget: 60 iterations of 8 images
     small = ["--backbone", "resnet18", "--device", "cpu", "--workers", "0", "--seed", str(args.seed),
              "--synthetic-size", "96", "--synthetic-train", "160", "--synthetic-test", "96",
              "--synthetic-pretrain", str(steps * batch), "--det-scales", "96", "--det-max-size", "96",
              "--det-test-size", "96", "--anchor-sizes", "12", "24", "48", "96", "192", "--cls-size", "96",
-             "--box-batch-per-image", "64", "--test-proposals", "100", "--det-warmup", "10",
+             "--box-batch-per-image", "32", "--test-proposals", "100", "--det-warmup", "10", "--clip-grad", "5",
              "--pretrain-norm", "bn", "--pretrain-trainable-layers", "5", "--pretrain-batch-size", str(batch),
              "--pretrain-lr", "0.02", "--pretrain-steps", str(steps)]
     pre = get_args_parser().parse_args(small + ["--out", str(out)])
@@ -970,7 +988,7 @@ def demo(args) -> dict:
         objects = SyntheticDetection(steps * batch, 96, mode="object", seed=101)
         model = build_classifier("resnet18", len(objects.classes), norm="bn")
         train_classifier(pre, env, model, objects.classification(classification_transforms(True, 96)),
-                         cls_ckpt.parent, epochs=1, lr=0.05, batch_size=batch, max_steps=steps, desc="pre-train cls")
+                         cls_ckpt.parent, epochs=1, lr=0.02, batch_size=batch, max_steps=steps, desc="pre-train cls")
         save_checkpoint(cls_ckpt, {"model": model.state_dict(), "args": vars(pre)})
     print(f"[demo {time.time() - t0:.0f}s] classifier pre-trained ({steps} it. x {batch} object-centric images)")
     scenes = det_dataset(pre, pre.pretrain_split, pre.pretrain_data,
@@ -981,8 +999,8 @@ def demo(args) -> dict:
     # mask-out patch: the paper's 60 px on 224 px images, scaled to 96 px
     run = get_args_parser().parse_args(small + [
         "--net", f"cls={cls_ckpt}:cls", "--net", f"det={det_ckpt}:det", "--out", str(out),
-        "--det-epochs", "2", "--det-lr-steps", "1", "--det-batch-size", "8",
-        "--cls-epochs", "2", "--cls-batch-size", "32", "--cls-lr", "0.02",
+        "--det-epochs", "3", "--det-lr-steps", "2", "--det-batch-size", "8", "--det-lr", "0.01",
+        "--cls-epochs", "5", "--cls-batch-size", "32", "--cls-lr", "0.02",
         "--kmeans-max", "48", "--kmeans-points", "6", "--mask-stride", "8", "--mask-patch", "26",
         "--vis-images", "3", "--remove-categories", "star", "triangle"]
         + (["--resume"] if args.resume else []))

@@ -285,3 +285,16 @@ def test_torchrun_detection_finetuning(nets, tmp_path, root):
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["results"]["detection"]) == {"cls", "det"}
     assert (tmp_path / "detection" / "det" / "checkpoint.pth").is_file()
+
+
+def test_closest_and_close_but_distant_pairs():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(30, 5))
+    dist = dpa.cosine_distances(f)
+    i, j = np.triu_indices(30, 1)
+    brute = sorted(zip(dist[i, j], i, j))[:5]
+    assert [p[:2] for p in dpa.closest_pairs(dist, 5)] == [(int(a), int(b)) for _, a, b in brute]
+    close_a, far_b = rng.integers(0, 6, 30), rng.integers(0, 2, 30)
+    want = sorted((dist[a, b], a, b) for a, b in zip(i, j) if close_a[a] == close_a[b] and far_b[a] != far_b[b])[:4]
+    got = dpa.close_but_distant_pairs(dist, close_a, far_b, 4)
+    assert [p[:2] for p in got] == [(int(a), int(b)) for _, a, b in want]
