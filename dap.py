@@ -84,12 +84,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.ops import batched_nms, box_iou
 
-from common.data import (SyntheticDetection, build_classification_dataset, build_detection_dataset,
-                         build_loader, classification_transforms, detection_transforms, kshot_subset,
-                         load_split, save_split, subset_by_ids)
+from common.data import (build_classification_dataset, build_detection_dataset, build_loader,
+                         classification_transforms, detection_transforms, kshot_subset, load_split, save_split,
+                         subset_by_ids)
 from common.detectors import build_classifier, build_detector
-from common.distributed import (all_gather_object, cleanup, init_distributed, is_main, reduce_dict,
-                                seed_everything, unwrap, wrap_ddp)
+from common.distributed import (cleanup, init_distributed, is_main, reduce_dict, seed_everything, unwrap,
+                                wrap_ddp)
 from common.engine import (JsonlLogger, build_scheduler, load_checkpoint, save_checkpoint,
                            train_detector)
 from common.evaluation import evaluate_detector
