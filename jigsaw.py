@@ -644,7 +644,11 @@ def detection_data(args, env):
 def make_detector(args, num_classes: int, scratch: bool, weights=None):
     """Jigsaw fine-tuning: frozen BN, stem and res2 frozen (torchvision's default). Scratch (Tab. 5,
     following He et al. 2019): GroupNorm, every layer trained, random initialisation."""
-    kwargs = json.loads(args.det_kwargs)
+    try:
+        kwargs = dict(json.loads(args.det_kwargs))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--det-kwargs must be a JSON object such as '{{\"anchor_sizes\": [16, 32, 64, 128, 256]}}', "
+                         f"got {args.det_kwargs!r} ({e})") from e
     return build_detector(args.arch, num_classes, args.backbone, norm="gn" if scratch else "frozen_bn",
                           trainable_layers=5 if scratch else 3, min_size=args.min_size, max_size=args.max_size,
                           pretrained=None if scratch else weights, **kwargs)
