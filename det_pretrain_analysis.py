@@ -869,6 +869,7 @@ def markdown(results: dict, nets: dict, args) -> str:
                   "Fig. 7 `fig7_tsne.png`)", ""]
         for pair, r in results["features"]["pairs"].items():
             (pa, va), (pb, vb) = [(k, v) for k, v in r.items() if k.startswith("P(")]
+            pa, pb = pa.replace("|", "\\|"), pb.replace("|", "\\|")  # a bare | splits a Markdown cell
             lines += [f"| k | {pa} | {pb} |", "| --- | --- | --- |"]
             lines += [f"| {k} | {pct(x)} | {pct(y)} |" for k, x, y in zip(r["k"], va, vb)] + [""]
     if "visualisation" in results:
