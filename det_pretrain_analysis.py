@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from common.data import (DetectionSubset, SyntheticDetection, build_classification_dataset,
+from common.data import (DetectionSubset, SyntheticDetection, _write_json_atomic, build_classification_dataset,
                          build_detection_dataset, build_loader, classification_transforms, detection_transforms)
 from common.detectors import (_state_dict_from, backbone_state_dict, build_classifier, build_detector,
                               load_weights)
@@ -502,9 +502,7 @@ def _done(path: Path):
 def _write_json(path: Path, obj) -> None:
     if is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
+        _write_json_atomic(obj, path)
 
 
 def _resume(args, out: Path):
