@@ -75,7 +75,7 @@ Full scale (COCO train2017 on 8 GPUs, ResNet-50, then Faster R-CNN C4 fine-tunin
     torchrun --nproc_per_node 8 jigsaw.py --stage benchmark --data /data/coco --out runs/jigsaw
     python jigsaw.py --stage erf-figure --data /data/coco --out runs/jigsaw \
         --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth
-CPU demo (about 8 minutes on 2 idle cores; the tests run it at a smaller size):
+CPU demo (about 10 minutes on 2 idle cores, from its CPU time; the tests run it at a smaller size):
     python jigsaw.py --demo
 """
 from __future__ import annotations
@@ -773,7 +773,7 @@ def erf_figure(args, env, checkpoints: dict, path) -> dict:
     return outside
 
 
-def benchmark(args, env, batches: int = 5) -> dict:
+def benchmark(args, env, batches: int = 10) -> dict:
     """Assembled images/s from the data pipeline (--workers processes) next to the model's training
     step on the same batches: the pipeline must keep up."""
     dataset = build_pretrain_data(args)
@@ -782,11 +782,9 @@ def benchmark(args, env, batches: int = 5) -> dict:
     loader = cdata.build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
                                 group_by_aspect_ratio=False)
     cdata.set_epoch(loader, 0)
-    it = iter(loader)
-    batch = next(it)  # workers started, first batch ready
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        batch = next(it)
+    t0 = time.perf_counter()  # from the start of the workers: prefetched batches cannot flatter the rate
+    for _, batch in zip(range(batches), loader):
+        pass
     data_rate = batches * per_rank / (time.perf_counter() - t0)
     model = JigsawModel(build_classifier(args.backbone, K, norm="bn"), args.strategy, dataset.template, K).to(env.device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
