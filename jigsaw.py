@@ -43,7 +43,10 @@ CHOICE: zero padding is placed at a random offset inside the region (crops are r
     borrows the 10% of samples nearest to its range (with a warning).
 CHOICE: ERF (the notes): |d (sum over channels of X[:, j, k]) / d input| summed over colour
     channels, in eval mode, averaged over `--erf-images` (16) assembled training images drawn with
-    a fixed seed; computed on rank 0 at step 0 and every `--erf-every` steps, then broadcast.
+    a fixed seed; computed on rank 0 at step 0 and every `--erf-every` steps, then broadcast. So
+    Eq. 2's weights depend on the feature position only and serve every image of the template (the
+    paper refreshes them every 5k iterations, so they cannot be per image); Eq. 1 mixes each
+    image's own four region labels with them.
 CHOICE: Eq. 2 edge cases: a position whose ERF is all zero gets its own region's one-hot label;
     when the ERF lies entirely in the position's own region the other weights are 0 (0/0 := 0).
 CHOICE: the 1x1 conv classifier of the dense strategy is the ResNet's `fc` applied at every
