@@ -92,9 +92,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from common.data import (DetectionSubset, SyntheticDetection, _write_json_atomic, build_classification_dataset,
+from common.data import (DetectionSubset, SyntheticDetection, write_json_atomic, build_classification_dataset,
                          build_detection_dataset, build_loader, classification_transforms, detection_transforms)
-from common.detectors import (_state_dict_from, backbone_state_dict, build_classifier, build_detector,
+from common.detectors import (read_state_dict, backbone_state_dict, build_classifier, build_detector,
                               load_weights)
 from common.distributed import (all_gather_object, barrier, cleanup, init_distributed, is_main,
                                 seed_everything, wrap_ddp)
@@ -215,7 +215,7 @@ def load_net(spec: str, backbone: str) -> Net:
     model = build_classifier(backbone, 1000, pretrained="torchvision" if source == "torchvision" else None)
     raw = None
     if source != "torchvision":
-        raw = _state_dict_from(source)
+        raw = read_state_dict(source)
         report = load_weights(model, raw, verbose=is_main())
         left = [k for k in report.missing + [k for k, _ in report.skipped] if not k.startswith("fc.")]
         if left:
@@ -502,7 +502,7 @@ def _done(path: Path):
 def _write_json(path: Path, obj) -> None:
     if is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(obj, path)
+        write_json_atomic(obj, path)
 
 
 def _resume(args, out: Path):

@@ -96,7 +96,7 @@ from common.data import build_detection_dataset, build_loader, detection_transfo
 from common.detectors import build_detector
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import build_scheduler, train_detector
-from common.evaluation import COCO_IOUS, _coco_precision, _coco_tables, coco_backend, coco_evaluate, predict
+from common.evaluation import coco_evaluate, coco_precision, predict
 
 EPS = 1e-3  # f(x) = 1 / (1 - x) is evaluated at x <= 1 - EPS (CHOICE above)
 AR_IOUS = torch.linspace(0.5, 0.95, 10)  # COCO's AR thresholds
@@ -460,10 +460,9 @@ PR_PANELS = {  # Fig. 2.2: panel -> curve name -> (IoU index or None for 0.5:0.9
 def pr_curves(predictions, targets) -> dict:
     """Fig. 2.2: precision at COCO's 101 recall points, averaged over classes (those with GT), from
     COCOeval's accumulated `precision` (T, R, K, A, M) for each curve of PR_PANELS."""
-    gt, dets = _coco_tables(predictions, targets)
-    if dets is None or not gt["categories"]:
+    prec = coco_precision(predictions, targets)  # (T, R, K, A, M)
+    if prec is None:
         return {}
-    prec = _coco_precision(gt, dets, COCO_IOUS, coco_backend())  # (T, R, K, A, M)
     out = {}
     for panel, curves in PR_PANELS.items():
         for name, (t, a, m) in curves.items():

@@ -287,7 +287,8 @@ def _target_tensors(ann: dict, hw: tuple[int, int]) -> dict:
 # --------------------------------------------------------------------------------------------
 # Export to the real formats
 # --------------------------------------------------------------------------------------------
-def _write_json_atomic(obj, path: Path) -> None:
+def write_json_atomic(obj, path: Path) -> None:
+    """json.dumps(obj) to a temporary file beside `path`, then rename (never half-written)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
@@ -319,7 +320,7 @@ def export_coco(dataset: SyntheticDetection, out_dir, split: str = "train") -> P
                          "iscrowd": 0, "segmentation": rle})
     cats = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(dataset.classes)]
     path = out_dir / "annotations" / f"instances_{split}.json"
-    _write_json_atomic({"images": images, "annotations": anns, "categories": cats}, path)
+    write_json_atomic({"images": images, "annotations": anns, "categories": cats}, path)
     return path
 
 
@@ -817,7 +818,7 @@ def save_split(path, ids: dict) -> None:
     """Write {name: [image ids]} as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic({k: [int(i) for i in v] for k, v in ids.items()}, path)
+    write_json_atomic({k: [int(i) for i in v] for k, v in ids.items()}, path)
 
 
 def load_split(path) -> dict:

@@ -200,7 +200,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _state_dict_from(source) -> dict:
+def read_state_dict(source) -> dict:
+    """A state dict of tensors from a path (loaded with weights_only=True), "timm:<name>", a
+    checkpoint dict holding one under 'model' / 'state_dict', or a state dict itself."""
     if isinstance(source, str) and source.startswith("timm:"):  # timm weights from the local HF cache
         import timm
 
@@ -228,7 +230,7 @@ def load_weights(model: nn.Module, source, skip_class_specific: bool = True, ver
     (plain ResNet <-> FPN detector <-> C4 detector) and shape. Class-specific layers (box/mask
     predictors, RetinaNet's class logits, a classifier's fc) are skipped when
     `skip_class_specific`. Raises ValueError when nothing fits."""
-    sd = _state_dict_from(source)
+    sd = read_state_dict(source)
     target = model.state_dict()
     by_name = {_canonical(k): k for k in target}
     report, new = LoadReport(), {}

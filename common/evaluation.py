@@ -82,6 +82,17 @@ def _coco_precision(gt: dict, dets: np.ndarray, ious: np.ndarray, backend: str) 
     return ev.eval["precision"]
 
 
+def coco_precision(predictions, targets, iou_thresholds=COCO_IOUS, backend: str | None = None):
+    """COCOeval's accumulated precision array (T, R, K, A, M): IoU thresholds `iou_thresholds`,
+    101 recall points, classes with ground truth (sorted labels), areas (all, small, medium,
+    large), max detections (1, 10, 100); -1 where undefined. None when nothing can be scored (no
+    detections or no ground truth). For precision-recall curves."""
+    gt, dets = _coco_tables(predictions, targets)
+    if dets is None or not gt["categories"]:
+        return None
+    return _coco_precision(gt, dets, np.asarray(iou_thresholds, np.float64), backend or coco_backend())
+
+
 def coco_evaluate(predictions, targets, iou_thresholds=None, backend: str | None = None) -> dict:
     """COCO box AP. Returns AP, AP50, AP75, APs, APm, APl (identical to `COCOeval.summarize()`,
     including its -1 for an area range without ground truth) and, for each t in
@@ -92,11 +103,10 @@ def coco_evaluate(predictions, targets, iou_thresholds=None, backend: str | None
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets: one dict per image each")
     extra = [float(t) for t in (iou_thresholds or [])]
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"] + [f"AP@{t:g}" for t in extra]
-    gt, dets = _coco_tables(predictions, targets)
-    if dets is None or not gt["categories"]:
-        return {k: 0.0 for k in keys}
     ious = np.unique(np.round(np.concatenate([COCO_IOUS, extra]), 10))
-    prec = _coco_precision(gt, dets, ious, backend or coco_backend())  # (T, R, K, A, M)
+    prec = coco_precision(predictions, targets, ious, backend)  # (T, R, K, A, M)
+    if prec is None:
+        return {k: 0.0 for k in keys}
 
     def mean_ap(t_idx, area=0):
         p = prec[t_idx, :, :, area, -1]
