@@ -583,9 +583,13 @@ class ImageFolderDataset(Dataset):
         if not root.is_dir():
             raise FileNotFoundError(f"ImageFolder root not found: {root}. Expected layout: {layout}")
         try:
-            self.folder = ImageFolder(str(root), loader=lambda p: _load_image(Path(p)))
+            # allow_empty: a small set (or an export of one) may have a class folder with no image;
+            # the class still keeps its index
+            self.folder = ImageFolder(str(root), loader=lambda p: _load_image(Path(p)), allow_empty=True)
         except (FileNotFoundError, RuntimeError) as e:
-            raise FileNotFoundError(f"no class folders with images under {root}: {e}. Expected layout: {layout}") from e
+            raise FileNotFoundError(f"no class folders under {root}: {e}. Expected layout: {layout}") from e
+        if len(self.folder) == 0:
+            raise FileNotFoundError(f"no images in the class folders under {root}. Expected layout: {layout}")
         self.transform, self.classes = transform, tuple(self.folder.classes)
         self.targets = np.asarray(self.folder.targets, np.int64)
 

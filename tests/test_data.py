@@ -103,7 +103,7 @@ def test_voc_export_round_trip_with_difficult(tmp_path):
 
 
 def test_imagefolder_round_trip(tmp_path):
-    ds = SyntheticDetection(12, 64, mode="object", seed=1)
+    ds = SyntheticDetection(5, 64, mode="object", seed=1)  # fewer images than classes: empty folders
     export_imagefolder(ds, tmp_path / "train")
     folder = build_classification_dataset(str(tmp_path), "train")
     assert isinstance(folder, ImageFolderDataset) and folder.classes == SHAPES
@@ -121,6 +121,9 @@ def test_missing_paths_name_the_layout(tmp_path):
         VOCDetection(tmp_path, "trainval")
     with pytest.raises(FileNotFoundError, match="ImageFolder root not found"):
         ImageFolderDataset(tmp_path / "missing")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images in the class folders"):
+        ImageFolderDataset(tmp_path / "empty")
 
 
 def test_malformed_and_degenerate_annotations(tmp_path):
