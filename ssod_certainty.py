@@ -166,6 +166,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--workers", type=int, default=4)
     system.add_argument("--device", default="auto")
     system.add_argument("--amp", action="store_true")
+    system.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off, as in the paper)")
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20)
     system.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training images")
@@ -551,7 +552,7 @@ def train_stage(args, env, model, dataset, out_dir: Path, iters: int, loss_fn=No
                                 milestones=(iters * 2 // 3, iters * 8 // 9))  # 120k / 160k of 180k
     resume = out_dir / "checkpoint.pth" if args.resume and (out_dir / "checkpoint.pth").is_file() else None
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=math.ceil(iters / len(loader)),
-                   max_steps=iters, out_dir=out_dir, args=args, loss_fn=loss_fn, amp=args.amp,
+                   max_steps=iters, out_dir=out_dir, args=args, loss_fn=loss_fn, amp=args.amp, clip_grad=args.clip_grad,
                    checkpoint_every=args.checkpoint_every, resume=resume, extra_state=extra_state,
                    log_every=args.log_every, desc=desc)
     return model
@@ -706,6 +707,7 @@ DEMO_DEFAULTS = dict(
     labeled_fraction=0.1, backbone="resnet18", norm="bn", trainable_layers=5, min_size=64, max_size=64,
     train_scales=[64], anchor_sizes=[16, 32, 64, 128, 256], proposals=50, roi_batch=32, batch_size=4, lr=0.02,
     warmup_iters=30, teacher_iters=150, student_iters=150, num_rare=3, heldout_images=100, workers=1,
+    clip_grad=10.0,  # without clipping the certainty-aware student diverged (NaN at step 27)
     device="cpu", log_every=10, output_dir="runs/ssod_certainty_demo")
 
 
