@@ -532,10 +532,9 @@ class VOCDetection(_FlatDetection):
         per_image, sizes = [], []
         for rec in records:
             boxes = rec["boxes"]
-            keep = _clean_boxes(boxes, rec["h"], rec["w"])
-            if not keep_difficult:
-                keep &= ~rec["difficult"]
-            self.num_dropped_boxes += int((~_clean_boxes(boxes.copy(), rec["h"], rec["w"])).sum())
+            valid = _clean_boxes(boxes, rec["h"], rec["w"])
+            self.num_dropped_boxes += int((~valid).sum())
+            keep = valid if keep_difficult else valid & ~rec["difficult"]
             per_image.append({"boxes": boxes[keep],
                               "labels": np.asarray([index[n] for n in rec["names"]], np.int64)[keep],
                               "difficult": rec["difficult"][keep], "iscrowd": np.zeros(int(keep.sum()), bool),

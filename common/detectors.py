@@ -245,7 +245,7 @@ def load_weights(model: nn.Module, source, skip_class_specific: bool = True, ver
         if skip_class_specific and any(tkey.startswith(p) or canon.startswith(p) for p in CLASS_SPECIFIC):
             report.skipped.append((tkey, "class-specific"))
         elif target[tkey].shape != value.shape:
-            report.skipped.append((tkey, f"shape mismatch"))
+            report.skipped.append((tkey, "shape mismatch"))
         else:
             new[tkey] = value
             report.loaded.append(tkey)
