@@ -92,8 +92,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from common.data import (DetectionSubset, SyntheticDetection, write_json_atomic, build_classification_dataset,
-                         build_detection_dataset, build_loader, classification_transforms, detection_transforms)
+from common.data import (DetectionSubset, write_json_atomic, build_classification_dataset,
+                         build_detection_dataset, build_loader, classification_transforms,
+                         detection_transforms)
+from common.synthetic import SyntheticDetection
 from common.detectors import (read_state_dict, backbone_state_dict, build_classifier, build_detector,
                               load_weights)
 from common.distributed import (all_gather_object, barrier, cleanup, init_distributed, is_main,

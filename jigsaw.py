@@ -102,6 +102,7 @@ from torchvision.ops import box_iou
 from common import data as cdata
 from common import distributed as cdist
 from common import engine
+from common.synthetic import export_coco
 from common.detectors import build_classifier, build_detector
 from common.evaluation import evaluate_detector
 
@@ -844,7 +845,7 @@ def demo(args, env) -> dict:
         for split in ("train", "val"):
             synthetic = cdata.build_detection_dataset("synthetic", split, num_images=DEMO_DATA[split],
                                                       image_size=DEMO_DATA["image_size"], seed=args.seed)
-            cdata.export_coco(synthetic, coco, split)
+            export_coco(synthetic, coco, split)
     args.data, args.train_split, args.val_split = str(coco), "train", "val"
     dataset = build_pretrain_data(args)  # Sec. 3.1: the sample table, written once
     meta = load_sample_table(out / "samples")["meta"]

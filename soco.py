@@ -105,8 +105,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from common.data import (ImageFolderDataset, SyntheticDetection, build_detection_dataset, build_loader,
-                         detection_transforms, fraction_split, save_split, subset_by_ids)
+from common.data import (ImageFolderDataset, build_detection_dataset, build_loader, detection_transforms,
+                         fraction_split, save_split, subset_by_ids)
+from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import JsonlLogger, build_scheduler, save_checkpoint, train_detector

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.data import SyntheticDetection, build_detection_dataset, build_loader, detection_transforms, export_coco  # noqa: E402
+from common.data import build_detection_dataset, build_loader, detection_transforms  # noqa: E402
+from common.synthetic import SyntheticDetection, export_coco  # noqa: E402
 from common.evaluation import coco_evaluate  # noqa: E402
 
 

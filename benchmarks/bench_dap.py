@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dap  # noqa: E402
-from common.data import SyntheticDetection  # noqa: E402
+from common.synthetic import SyntheticDetection  # noqa: E402
 from common.detectors import build_classifier  # noqa: E402
 from common.distributed import init_distributed  # noqa: E402
 

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from common.data import SyntheticDetection, build_loader, detection_transforms
+from common.data import build_loader, detection_transforms
+from common.synthetic import SyntheticDetection
 from common.detectors import build_detector
 from common.distributed import all_gather_object, init_distributed, seed_everything, wrap_ddp
 from common.engine import build_scheduler, train_detector

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from pycocotools.coco import COCO
 
 import dap
-from common.data import SyntheticDetection, build_classification_dataset
+from common.data import build_classification_dataset
+from common.synthetic import SyntheticDetection
 from common.detectors import build_classifier
 from common.distributed import init_distributed, seed_everything
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from common.data import (SHAPES, CocoDetection, GroupedBatchSampler, ImageFolderDataset, SeededDataset,
-                         SyntheticDetection, VOCDetection, build_classification_dataset,
-                         build_detection_dataset, build_loader, detection_transforms, export_coco,
-                         export_imagefolder, export_voc, fraction_split, kshot_subset, load_split,
-                         save_split, subset_by_ids)
+from common.data import (CocoDetection, GroupedBatchSampler, ImageFolderDataset, SeededDataset, VOCDetection,
+                         build_classification_dataset, build_detection_dataset, build_loader,
+                         detection_transforms, fraction_split, kshot_subset, load_split, save_split,
+                         subset_by_ids)
+from common.synthetic import SHAPES, SyntheticDetection, export_coco, export_imagefolder, export_voc
 
 
 def test_synthetic_is_deterministic_and_seed_dependent():

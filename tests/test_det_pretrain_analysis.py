@@ -155,7 +155,7 @@ def test_cluster_counts_grid():
 
 
 def test_without_categories_drops_every_image_holding_them():
-    from common.data import SyntheticDetection
+    from common.synthetic import SyntheticDetection
 
     ds = SyntheticDetection(30, 64, seed=3)
     keep = dpa.without_categories(ds, ["star", "triangle"])

@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from common.data import SyntheticDetection, collate_detection, detection_transforms
+from common.data import collate_detection, detection_transforms
+from common.synthetic import SyntheticDetection
 from common.detectors import backbone_state_dict, build_classifier, build_detector, load_weights
 
 SMALL = dict(backbone="resnet18", min_size=64, max_size=96, anchor_sizes=(16, 32, 64, 128, 256))

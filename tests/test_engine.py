@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from common.data import SyntheticDetection, build_loader, detection_transforms
+from common.data import build_loader, detection_transforms
+from common.synthetic import SyntheticDetection
 from common.detectors import build_detector
 from common.distributed import seed_everything
 from common.engine import (build_scheduler, check_finite, load_checkpoint, save_checkpoint,

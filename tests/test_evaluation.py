@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import SyntheticDetection
+from common.synthetic import SyntheticDetection
 from benchmarks.bench_common import plain_pycocotools
 from common.evaluation import coco_evaluate, voc_ap, voc_evaluate
 

@@ -8,7 +8,7 @@ import torch
 from torchvision.ops import box_iou
 
 import jigsaw
-from common.data import SyntheticDetection
+from common.synthetic import SyntheticDetection
 
 from conftest import run_torchrun
 

@@ -10,7 +10,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 import noisy_anchor as na
-from common.data import SyntheticDetection, collate_detection, detection_transforms
+from common.data import collate_detection, detection_transforms
+from common.synthetic import SyntheticDetection
 from common.engine import load_checkpoint
 from conftest import run_torchrun
 

@@ -340,7 +340,7 @@ def test_torchrun_two_processes(tmp_path, proposals):
 
 
 def test_imagefolder_images_get_proposals_and_views(tmp_path):
-    from common.data import SyntheticDetection, export_imagefolder
+    from common.synthetic import SyntheticDetection, export_imagefolder
 
     export_imagefolder(SyntheticDetection(4, 80, mode="object", seed=1), tmp_path / "imagenet" / "train")
     argv = ["--data", tmp_path / "imagenet", "--proposals", tmp_path / "props", "--view-size", 64, "--v3-size", 32]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ssod_certainty as sc
-from common.data import SyntheticDetection, detection_transforms, fraction_split
+from common.data import detection_transforms, fraction_split
+from common.synthetic import SyntheticDetection
 from common.engine import load_checkpoint
 from conftest import run_torchrun
 
