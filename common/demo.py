@@ -1,0 +1,275 @@
+"""The CPU demo recipe the six `--demo`s share, and the `demo.json` result file each one writes.
+
+The recipe is what `benchmarks/bench_learnability.py` measures: on the built-in synthetic data
+(`common.synthetic`, difficulty "easy") a ResNet-18 classifier learns the 8 classes and a Faster
+R-CNN R18-FPN learns to detect them within minutes on 2 CPU cores, and a pre-trained backbone
+beats a random one on a 5-shot subset. common/README.md writes it down.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import write_json_atomic
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
+DEMO_RECIPE = {
+    "backbone": "resnet18",          # torchvision names, so load_weights moves weights between every script
+    "object_size": 64,               # object-centric (classification) images, px
+    "scene_size": 64,                # detection scenes, px (objects 13-35 px)
+    "anchor_sizes": (16, 32, 64, 128, 256),  # one per FPN level P2-P6
+    "norm": "bn",                    # trainable BatchNorm: a random init has no statistics to freeze
+    "classifier": {"optimizer": "AdamW", "lr": 3e-3, "weight_decay": 0.05, "batch_size": 32,
+                   "label_smoothing": 0.1, "schedule": "one-cycle (25% warm-up, cosine)",
+                   "augment": "RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + flip"},
+    "detector": {"optimizer": "AdamW", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 8,
+                 "clip_grad": 10.0, "schedule": "one-cycle (warm-up 50 steps, cosine)", "augment": "flip"},
+}
+
+# torchvision detector settings sized for 64-px scenes with up to 6 objects
+DEMO_DETECTOR_KWARGS = {
+    "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150,
+    "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150,
+    "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 64, "box_detections_per_img": 50,
+}
+
+
+DEMO_BOX_HEAD = {"representation_size": 256, "roi_sampling_ratio": 1}
+
+
+def build_demo_detector(num_classes: int, arch: str = "faster_rcnn_fpn", pretrained=None, **overrides) -> nn.Module:
+    """The demo detector: `arch` on ResNet-18 with trainable BN, every layer trainable, anchors
+    and proposal counts for DEMO_RECIPE's 64-px scenes. An FPN Faster R-CNN gets a lighter box
+    head (two fc layers of 256 instead of 1024, RoIAlign with one sample per bin): on a CPU the
+    1024-wide head and RoIAlign's backward take two thirds of a step. Tensor names stay
+    torchvision's, so backbone weights move with `load_weights` as usual."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from .detectors import build_detector
+
+    size = DEMO_RECIPE["scene_size"]
+    kwargs = dict(backbone=DEMO_RECIPE["backbone"], norm=DEMO_RECIPE["norm"], trainable_layers=5,
+                  min_size=size, max_size=size, anchor_sizes=DEMO_RECIPE["anchor_sizes"])
+    if arch in ("faster_rcnn_fpn", "faster_rcnn_c4", "mask_rcnn"):
+        kwargs.update(DEMO_DETECTOR_KWARGS)
+    kwargs.update(overrides)
+    model = build_detector(arch, num_classes, **kwargs)
+    if arch == "faster_rcnn_fpn" and kwargs.get("box_head", "2mlp") == "2mlp":
+        rep, heads = DEMO_BOX_HEAD["representation_size"], model.roi_heads
+        heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, DEMO_BOX_HEAD["roi_sampling_ratio"])
+        heads.box_head = TwoMLPHead(model.backbone.out_channels * 7 * 7, rep)
+        heads.box_predictor = FastRCNNPredictor(rep, num_classes + 1)
+    if pretrained is not None:
+        from .detectors import load_weights
+
+        load_weights(model, pretrained)
+    return model
+
+
+def demo_optimizer(params, kind: str = "detector"):
+    """AdamW at the recipe's LR and weight decay for `kind` ("detector" or "classifier")."""
+    r = DEMO_RECIPE[kind]
+    return torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"], fused=True)
+
+
+def one_cycle(optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up from 4% of the LR over `warmup_steps`, then cosine to ~0 at `total_steps`
+    (torch's OneCycleLR with a linear rise)."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, [g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+        pct_start=min(0.5, max(1, warmup_steps) / max(1, total_steps)), anneal_strategy="cos",
+        cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+
+
+# --------------------------------------------------------------------------------------------
+# demo.json
+# --------------------------------------------------------------------------------------------
+def claim(text: str, metric: str, better: tuple[str, float], worse: tuple[str, float]) -> dict:
+    """One comparison as the paper states it: `better` is what the paper says should win, `worse`
+    what should lose, each (name, measured value), whatever the measurement says."""
+    return {"claim": text, "metric": metric,
+            "better": {"name": better[0], "value": float(better[1])},
+            "worse": {"name": worse[0], "value": float(worse[1])}}
+
+
+def claim_holds(c: dict) -> bool:
+    return c["better"]["value"] > c["worse"]["value"]
+
+
+def check_demo_result(obj: dict) -> None:
+    """Raise ValueError naming the first field of `obj` that breaks the demo.json schema."""
+    def need(cond, what):
+        if not cond:
+            raise ValueError(f"demo.json: {what}")
+    need(isinstance(obj, dict), "must be a JSON object")
+    for key, kind in (("script", str), ("seed", int), ("wall_s", (int, float)), ("claims", list), ("tables", dict)):
+        need(isinstance(obj.get(key), kind), f"'{key}' must be {getattr(kind, '__name__', 'a number')}")
+    need(len(obj["claims"]) >= 1, "'claims' is empty: a demo states at least the paper's main comparison")
+    for k, c in enumerate(obj["claims"]):
+        need(isinstance(c, dict) and isinstance(c.get("claim"), str) and isinstance(c.get("metric"), str),
+             f"claims[{k}] needs 'claim' and 'metric' strings")
+        for side in ("better", "worse"):
+            s = c.get(side)
+            need(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("value"), (int, float))
+                 and math.isfinite(s["value"]), f"claims[{k}].{side} needs a 'name' and a finite 'value'")
+
+
+def write_demo_result(out_dir, script: str, seed: int, wall_s: float, claims: list[dict], tables: dict) -> Path:
+    """Write `out_dir/demo.json` = {script, seed, wall_s, claims, tables} atomically (validated
+    first, so a malformed result is never written) and print each claim with whether it held."""
+    obj = {"script": script, "seed": int(seed), "wall_s": round(float(wall_s), 1), "claims": claims,
+           "tables": tables}
+    check_demo_result(obj)
+    json.dumps(obj, allow_nan=False)  # every number in the tables is finite
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "demo.json"
+    write_json_atomic(obj, path)
+    for c in claims:
+        print(f"[{'holds' if claim_holds(c) else 'does NOT hold'}] {c['claim']} ({c['metric']}): "
+              f"{c['better']['name']} {c['better']['value']:.4g} vs {c['worse']['name']} {c['worse']['value']:.4g}")
+    return path
+
+
+class Stopwatch:
+    """Wall time of a demo: `with Stopwatch() as t: ...; t.seconds`."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Train and evaluate at the recipe (one process, no checkpoints: the benchmark and the demos'
+# comparisons; the methods' own stages use their scripts' loops)
+# --------------------------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    """`steps` index batches over `n` items: seeded epochs of a permutation (with a random
+    top-up when the set is smaller than a batch)."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < steps:
+        order = rng.permutation(n)
+        if n < batch_size:
+            order = np.concatenate([order, rng.integers(n, size=batch_size - n)])
+        for k in range(0, len(order) - batch_size + 1, batch_size):
+            if done == steps:
+                return
+            yield order[k:k + batch_size]
+            done += 1
+
+
+def train_demo_classifier(model: nn.Module, dataset, steps: int, seed: int = 0, batch_size: int | None = None,
+                          log=print) -> float:
+    """Train a classifier on `dataset` ((uint8 image, label) items) with the recipe; returns the
+    training wall time in seconds."""
+    from torchvision.transforms import v2
+
+    r = DEMO_RECIPE["classifier"]
+    batch_size = batch_size or r["batch_size"]
+    size = int(dataset[0][0].shape[-1])
+    augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.75, 4 / 3), antialias=True),
+                          v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                          v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    opt = demo_optimizer([p for p in model.parameters() if p.requires_grad], "classifier")
+    sched = one_cycle(opt, steps, max(1, steps // 4))
+    torch.manual_seed(seed)
+    model.train()
+    wall = 0.0
+    for step, idx in enumerate(_batches(len(dataset), batch_size, steps, seed), start=1):
+        t0 = time.perf_counter()
+        items = [dataset[int(i)] for i in idx]
+        x = torch.stack([augment(im) for im, _ in items])
+        y = torch.as_tensor([label for _, label in items])
+        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=r["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        wall += time.perf_counter() - t0
+        if log and (step % 50 == 0 or step == steps):
+            log(f"classifier step {step}/{steps} loss {loss.item():.3f} ({wall:.0f} s)")
+    return wall
+
+
+@torch.no_grad()
+def evaluate_demo_classifier(model: nn.Module, dataset, batch_size: int = 200) -> float:
+    """Top-1 accuracy on `dataset` ((uint8 image, label) items), images as they are."""
+    from torchvision.transforms import v2
+
+    norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    model.eval()
+    correct = 0
+    for k in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(k, min(len(dataset), k + batch_size))]
+        x = torch.stack([norm(im) for im, _ in items])
+        correct += int((model(x).argmax(1) == torch.as_tensor([label for _, label in items])).sum())
+    model.train()
+    return correct / len(dataset)
+
+
+def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, batch_size: int | None = None,
+                        warmup_steps: int = 50, log=print) -> float:
+    """Train a torchvision detector on `dataset` ((uint8 image, target) items) with the recipe:
+    horizontal flips, AdamW, one-cycle LR, gradient clipping. Returns the training wall time."""
+    from .data import collate_detection, detection_transforms
+
+    r = DEMO_RECIPE["detector"]
+    batch_size = batch_size or r["batch_size"]
+    size = DEMO_RECIPE["scene_size"]
+    augment = detection_transforms(True, scales=(size,), max_size=size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = demo_optimizer(params, "detector")
+    sched = one_cycle(opt, steps, min(warmup_steps, steps // 4))
+    torch.manual_seed(seed)
+    model.train()
+    wall = 0.0
+    for step, idx in enumerate(_batches(len(dataset), batch_size, steps, seed), start=1):
+        t0 = time.perf_counter()
+        images, targets = collate_detection([augment(*dataset[int(i)]) for i in idx])
+        losses = model(list(images), list(targets))
+        loss = sum(losses.values())
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"non-finite detector loss at step {step}: "
+                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, r["clip_grad"])
+        opt.step()
+        sched.step()
+        wall += time.perf_counter() - t0
+        if log and (step % 50 == 0 or step == steps):
+            log(f"detector step {step}/{steps} loss {loss.item():.3f} ({wall:.0f} s)")
+    return wall
+
+
+@torch.no_grad()
+def evaluate_demo_detector(model: nn.Module, dataset, batch_size: int = 25) -> dict:
+    """COCO metrics (fractions) of `model` on `dataset` ((uint8 image, target) items)."""
+    from .evaluation import coco_evaluate
+
+    model.eval()
+    predictions, targets = [], []
+    for k in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(k, min(len(dataset), k + batch_size))]
+        predictions += model([im.float() / 255 for im, _ in items])
+        targets += [t for _, t in items]
+    model.train()
+    return coco_evaluate(predictions, targets)
