@@ -442,7 +442,7 @@ def source_fingerprint(source) -> str:
     """Ties a proposal table to the image list it was made from."""
     if isinstance(source, SyntheticDetection):
         return f"synthetic:{len(source)}:{source.size}:{source.seed}"
-    names = "\n".join(os.path.relpath(p, source.folder.root) for p, _ in source.folder.samples)
+    names = "\n".join(source.relpath(i) for i in range(len(source)))
     return "sha1:" + hashlib.sha1(names.encode()).hexdigest()
 
 

@@ -251,34 +251,45 @@ class VOCDetection(_FlatDetection):
 
 
 class ImageFolderDataset(Dataset):
-    """ImageNet layout: `root/<class>/<image>`; items are (image, label 0..C-1)."""
+    """ImageNet layout: `root/<class>/<image>`; items are (image, label 0..C-1). The file list is
+    held as flat arrays (the relative paths' UTF-8 bytes with offsets, and the labels), so that
+    1.28M images neither copy a list of tuples into every worker nor stop the dataset from being
+    pickled (DataLoader workers under spawn / forkserver)."""
 
     def __init__(self, root, transform=None):
-        from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         root = Path(root)
         layout = "<root>/<class name>/<image>.jpg (one folder per class, as ImageNet's train/ and val/)"
         if not root.is_dir():
             raise FileNotFoundError(f"ImageFolder root not found: {root}. Expected layout: {layout}")
         try:
+            classes, class_to_idx = find_classes(root)
             # allow_empty: a small set (or an export of one) may have a class folder with no image;
             # the class still keeps its index
-            self.folder = ImageFolder(str(root), loader=lambda p: _load_image(Path(p)), allow_empty=True)
+            samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         except (FileNotFoundError, RuntimeError) as e:
             raise FileNotFoundError(f"no class folders under {root}: {e}. Expected layout: {layout}") from e
-        if len(self.folder) == 0:
+        if not samples:
             raise FileNotFoundError(f"no images in the class folders under {root}. Expected layout: {layout}")
-        self.transform, self.classes = transform, tuple(self.folder.classes)
-        self.targets = np.asarray(self.folder.targets, np.int64)
+        self.root, self.transform, self.classes = root, transform, tuple(classes)
+        names = [os.path.relpath(path, root).encode() for path, _ in samples]
+        self._path_bytes = np.frombuffer(b"".join(names), np.uint8)
+        self._path_offsets = np.concatenate([[0], np.cumsum([len(n) for n in names])]).astype(np.int64)
+        self.targets = np.asarray([label for _, label in samples], np.int64)
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.targets)
+
+    def relpath(self, i: int) -> str:
+        """Path of image `i` relative to `root` (`<class>/<file>`)."""
+        return self._path_bytes[self._path_offsets[i]:self._path_offsets[i + 1]].tobytes().decode()
 
     def __getitem__(self, i):
-        image, label = self.folder[i]
+        image = _load_image(self.root / self.relpath(i))
         if self.transform is not None:
             image = self.transform(image)
-        return image, label
+        return image, int(self.targets[i])
 
 
 def _split_seed(seed: int, split: str) -> int:

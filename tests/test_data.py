@@ -230,3 +230,19 @@ def test_kshot_and_fraction_splits(tmp_path):
     assert load_split(tmp_path / "split.json") == {"labelled": lab, "unlabelled": unl}
     with pytest.raises(KeyError, match="not in the dataset"):
         subset_by_ids(ds, [10_000])
+
+
+def test_imagefolder_pickles_and_loads_under_spawn(tmp_path):
+    """No lambda inside (workers under spawn / forkserver get a pickled copy); paths and labels are
+    flat arrays, not a per-image list of tuples."""
+    import pickle
+
+    export_imagefolder(SyntheticDetection(4, 32, mode="object", seed=2), tmp_path)
+    folder = ImageFolderDataset(tmp_path)
+    assert isinstance(folder.targets, np.ndarray) and not hasattr(folder, "folder")
+    copy = pickle.loads(pickle.dumps(folder))
+    assert len(copy) == 4 and all(torch.equal(copy[i][0], folder[i][0]) for i in range(4))
+    assert [copy.relpath(i).split("/")[0] for i in range(4)] == [folder.classes[t] for t in folder.targets]
+    loader = torch.utils.data.DataLoader(folder, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    labels = torch.cat([y for _, y in loader]).tolist()
+    assert labels == folder.targets.tolist()
