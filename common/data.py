@@ -331,15 +331,27 @@ def build_classification_dataset(data: str, split: str, transform=None, num_imag
 # --------------------------------------------------------------------------------------------
 # Box-aware augmentation (torchvision.transforms.v2)
 # --------------------------------------------------------------------------------------------
+PER_BOX_FIELDS = ("labels", "iscrowd", "difficult", "area", "masks")
+
+
+def per_box_fields(inputs):
+    """`labels_getter` of `v2.SanitizeBoundingBoxes`: every per-box tensor of the target (labels,
+    crowd / difficult flags, area, masks), so that a dropped box takes all of them with it."""
+    target = inputs[1] if isinstance(inputs, (tuple, list)) else inputs
+    return [target[k] for k in PER_BOX_FIELDS if torch.is_tensor(target.get(k))]
+
+
 def detection_transforms(train: bool, scales=(800,), max_size: int = 1333, hflip: float = 0.5):
-    """Training: shortest side drawn from `scales` (capped by `max_size`), horizontal flip, float.
-    Evaluation: float only; the detector resizes and maps its boxes back to the original image."""
+    """Training: shortest side drawn from `scales` (capped by `max_size`), horizontal flip, float,
+    then boxes under 1 px dropped with every per-box field (`per_box_fields`). Evaluation: float
+    only; the detector resizes and maps its boxes back to the original image."""
     if not train:
         return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
     ops = [v2.RandomShortestSize(list(scales), max_size)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1)]
+    ops += [v2.ToDtype(torch.float32, scale=True),
+            v2.SanitizeBoundingBoxes(min_size=1, labels_getter=per_box_fields)]
     return v2.Compose(ops)
 
 

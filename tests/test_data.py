@@ -246,3 +246,23 @@ def test_imagefolder_pickles_and_loads_under_spawn(tmp_path):
     loader = torch.utils.data.DataLoader(folder, batch_size=2, num_workers=1, multiprocessing_context="spawn")
     labels = torch.cat([y for _, y in loader]).tolist()
     assert labels == folder.targets.tolist()
+
+
+def test_sanitize_filters_every_per_box_field():
+    """A box dropped by SanitizeBoundingBoxes takes its label, crowd / difficult flags, area and
+    mask with it: the fields stay aligned with the boxes."""
+    from torchvision import tv_tensors
+
+    boxes = torch.tensor([[0, 0, 10, 10], [5, 5, 5.5, 20], [20, 20, 40, 40]])
+    masks = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.ceil().long().tolist()):
+        masks[k, y1:y2, x1:x2] = 1
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(64, 64)),
+              "labels": torch.tensor([1, 2, 3]), "iscrowd": torch.tensor([False, True, False]),
+              "difficult": torch.tensor([True, False, False]), "area": torch.tensor([100.0, 7.5, 400.0]),
+              "masks": tv_tensors.Mask(masks), "image_id": 7}
+    image = tv_tensors.Image(torch.zeros(3, 64, 64, dtype=torch.uint8))
+    _, out = detection_transforms(True, scales=(64,), max_size=1000, hflip=0)(image, target)
+    assert out["labels"].tolist() == [1, 3] and out["image_id"] == 7
+    assert out["iscrowd"].tolist() == [False, False] and out["difficult"].tolist() == [True, False]
+    assert out["area"].tolist() == [100.0, 400.0] and out["masks"].flatten(1).sum(1).tolist() == [100, 400]
