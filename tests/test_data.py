@@ -134,7 +134,7 @@ def test_malformed_and_degenerate_annotations(tmp_path):
     data["annotations"][1]["bbox"] = [200.0, 5.0, 10.0, 10.0]  # outside the image: degenerate
     path.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="dropped 2 degenerate"):
-        coco = CocoDetection(tmp_path / "train", path)
+        coco = CocoDetection(tmp_path / "train", path, train=True)
     assert coco.num_dropped_boxes == 2 and len(coco.boxes) == len(data["annotations"]) - 2
     data["annotations"][2]["bbox"] = [1, 2, 3]
     path.write_text(json.dumps(data))
@@ -266,3 +266,141 @@ def test_sanitize_filters_every_per_box_field():
     assert out["labels"].tolist() == [1, 3] and out["image_id"] == 7
     assert out["iscrowd"].tolist() == [False, False] and out["difficult"].tolist() == [True, False]
     assert out["area"].tolist() == [100.0, 400.0] and out["masks"].flatten(1).sum(1).tolist() == [100, 400]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's crowd format: run lengths of the column-major mask, starting with a run of zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return {"counts": ([0] + runs) if flat[0] else runs, "size": list(mask.shape)}
+
+
+def _hand_made_coco(tmp_path):
+    """Export of 5 synthetic images, then edited: image 1 has a crowd box (uncompressed RLE) among
+    its boxes, image 2 only a crowd box, image 3 only a zero-width box, image 4 no annotation at
+    all, image 5 is untouched. Image 1's second annotation becomes a polygon."""
+    ds = SyntheticDetection(5, 64, seed=0)
+    path = export_coco(ds, tmp_path, "train")
+    data = json.loads(path.read_text())
+    per_image = {i: [a for a in data["annotations"] if a["image_id"] == i] for i in range(1, 6)}
+    masks = {i: ds.annotations(i - 1, masks=True)["masks"] for i in range(1, 6)}
+    one = per_image[1]
+    one[0].update(iscrowd=1, segmentation=_uncompressed_rle(masks[1][0]))
+    x, y, w, h = one[1]["bbox"]
+    one[1]["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon: its box
+    per_image[2] = per_image[2][:1]
+    per_image[2][0].update(iscrowd=1, segmentation=_uncompressed_rle(masks[2][0]))
+    per_image[3] = per_image[3][:1]
+    per_image[3][0]["bbox"][2] = 0.0
+    per_image[4] = []
+    data["annotations"] = [a for i in range(1, 6) for a in per_image[i]]
+    path.write_text(json.dumps(data))
+    return path, data, per_image, masks
+
+
+def test_coco_train_drops_crowd_and_empty_images_eval_keeps_everything(tmp_path):
+    path, data, per_image, _ = _hand_made_coco(tmp_path)
+    ev = CocoDetection(tmp_path / "train", path)  # train=False: every image, every box as written
+    assert ev.image_ids == [1, 2, 3, 4, 5] and len(ev.boxes) == len(data["annotations"])
+    assert ev.annotations(0)["iscrowd"].tolist() == [True] + [False] * (len(per_image[1]) - 1)
+    assert ev[1][1]["iscrowd"].tolist() == [True] and len(ev[3][1]["boxes"]) == 0
+    x, y, _, h = per_image[3][0]["bbox"]
+    np.testing.assert_array_equal(ev.annotations(2)["boxes"], [[x, y, x, y + h]])  # zero width, kept
+    with pytest.warns(UserWarning, match="dropped 1 degenerate"):
+        tr = CocoDetection(tmp_path / "train", path, train=True)
+    assert tr.image_ids == [1, 5] and not tr.iscrowd.any() and tr.num_dropped_boxes == 1
+    assert len(tr.annotations(0)["labels"]) == len(per_image[1]) - 1
+    assert tr[0][1]["image_id"] == 1 and tr[1][1]["image_id"] == 5
+    with pytest.warns(UserWarning):
+        assert build_detection_dataset(str(tmp_path), "train", train=True).image_ids == [1, 5]
+    assert build_detection_dataset(str(tmp_path), "train").image_ids == [1, 2, 3, 4, 5]
+
+
+def test_voc_train_drops_degenerate_boxes_and_empty_images_keeps_difficult(tmp_path):
+    root = export_voc(SyntheticDetection(4, 64, seed=3), tmp_path, "trainval")
+    xmls = sorted((root / "Annotations").glob("*.xml"))
+    text = xmls[1].read_text()
+    xmin = text.split("<xmin>")
+    xmls[1].write_text("<xmin>".join([xmin[0]] + ["300" + s[s.index("<"):] for s in xmin[1:]]))  # all outside
+    xmls[2].write_text(xmls[2].read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    ev = VOCDetection(root, "trainval")
+    assert ev.image_ids == [0, 1, 2, 3] and (ev.annotations(1)["boxes"][:, 0] == 299).all()  # as written
+    with pytest.warns(UserWarning, match="degenerate"):
+        tr = VOCDetection(root, "trainval", train=True)
+    assert tr.image_ids == [0, 2, 3] and tr.num_dropped_boxes == len(ev.annotations(1)["labels"])
+    assert tr.difficult.sum() == ev.difficult.sum() - ev.annotations(1)["difficult"].sum() > 0  # Detectron2
+
+
+def test_coco_masks_polygons_and_rle_follow_the_boxes(tmp_path):
+    from pycocotools import mask as mask_utils
+    from torchvision import tv_tensors
+
+    path, data, per_image, masks = _hand_made_coco(tmp_path)
+    ev = CocoDetection(tmp_path / "train", path, masks=True)
+    _, t = ev[0]
+    assert isinstance(t["masks"], tv_tensors.Mask) and t["masks"].shape == (len(per_image[1]), 64, 64)
+    np.testing.assert_array_equal(t["masks"][0].numpy(), masks[1][0])  # crowd: uncompressed RLE
+    x, y, w, h = per_image[1][1]["bbox"]
+    poly = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(per_image[1][1]["segmentation"], 64, 64)))
+    np.testing.assert_array_equal(t["masks"][1].numpy(), poly)  # polygon
+    np.testing.assert_array_equal(t["masks"][2:].numpy(), masks[1][2:])  # compressed RLE
+    assert ev[3][1]["masks"].shape == (0, 64, 64)
+    with pytest.warns(UserWarning, match="degenerate"):
+        tr = CocoDetection(tmp_path / "train", path, train=True, masks=True,
+                           transforms=detection_transforms(True, scales=(128,), max_size=1000, hflip=1.0))
+    img, t = tr[1]  # image 5, resized x2 and flipped
+    assert img.shape[-2:] == t["masks"].shape[-2:] == (128, 128) and len(t["masks"]) == len(t["boxes"])
+    for box, m in zip(t["boxes"], t["masks"].bool()):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        tight = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        torch.testing.assert_close(tight, box.as_subclass(torch.Tensor), atol=2, rtol=0)
+    assert "masks" not in CocoDetection(tmp_path / "train", path)[0][1]
+    root = export_voc(SyntheticDetection(2, 64, seed=0), tmp_path / "voc")
+    with pytest.raises(ValueError, match="no instance masks"):
+        build_detection_dataset(str(root), "trainval", masks=True)
+
+
+def test_coco_json_without_images_or_annotations_names_the_file(tmp_path):
+    path = export_coco(SyntheticDetection(2, 64, seed=0), tmp_path, "train")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps([data]))
+    with pytest.raises(ValueError, match=rf"{path}.*JSON list.*'images'"):
+        CocoDetection(tmp_path / "train", path)
+    for key in ("images", "annotations"):
+        path.write_text(json.dumps({k: v for k, v in data.items() if k != key}))
+        with pytest.raises(ValueError, match=rf"{path}.*no '{key}' list"):
+            CocoDetection(tmp_path / "train", path)
+    path.write_text(json.dumps(dict(data, images=[])))
+    with pytest.raises(ValueError, match=rf"{path}.*no image"):
+        CocoDetection(tmp_path / "train", path)
+    path.write_text(json.dumps(dict(data, images=[{"id": 1, "file_name": "00000001.png"}])))
+    with pytest.raises(ValueError, match=rf"image id 1 in {path}.*'height'"):
+        CocoDetection(tmp_path / "train", path)
+
+
+def test_empty_voc_split_names_the_file(tmp_path):
+    root = export_voc(SyntheticDetection(2, 64, seed=0), tmp_path)
+    split = root / "ImageSets" / "Main" / "test.txt"
+    split.write_text("\n")
+    with pytest.raises(ValueError, match=rf"{split}.*no image"):
+        VOCDetection(root, "test")
+
+
+def test_voc_class_list_does_not_depend_on_the_split(tmp_path):
+    ds = SyntheticDetection(16, 64, seed=5)
+    root = export_voc(ds, tmp_path, "trainval")
+    stems = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    without_circle = [s for i, s in enumerate(stems) if 1 not in ds.annotations(i)["labels"]]
+    assert 0 < len(without_circle) < len(stems)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(without_circle))
+    test = VOCDetection(root, "test")  # no circle in this split: the labels must not shift
+    assert test.classes == VOCDetection(root, "trainval").classes == SHAPES
+    first = stems.index(without_circle[0])
+    np.testing.assert_array_equal(test.annotations(0)["labels"], ds.annotations(first)["labels"])
+    (tmp_path / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+    assert VOCDetection(root, "test", classes=tmp_path / "classes.txt").classes == SHAPES
+    assert build_detection_dataset(str(root), "test", classes=tmp_path / "classes.txt").classes == SHAPES
+    (tmp_path / "classes.txt").write_text("\n".join(SHAPES[1:]))
+    with pytest.raises(ValueError, match=r"circle.*classes\.txt"):
+        VOCDetection(root, "trainval", classes=tmp_path / "classes.txt")
