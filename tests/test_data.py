@@ -216,13 +216,8 @@ def test_loader_refuses_a_batch_larger_than_the_data():
         build_loader(SyntheticDetection(3, 64), batch_size=4, train=True, workers=0)
 
 
-def test_kshot_and_fraction_splits(tmp_path):
+def test_fraction_splits(tmp_path):
     ds = SyntheticDetection(120, 64, seed=0)
-    ids = kshot_subset(ds, 5, seed=1)
-    assert ids == kshot_subset(ds, 5, seed=1) and ids != kshot_subset(ds, 5, seed=2)
-    sub = subset_by_ids(ds, ids)
-    per_class = Counter(int(c) for i in range(len(sub)) for c in np.unique(sub.annotations(i)["labels"]))
-    assert all(per_class[c] >= 5 for c in range(1, 9)) and len(ids) < 60
     lab, unl = fraction_split(ds, 0.1, seed=0)
     assert len(lab) == 12 and len(unl) == 108 and not set(lab) & set(unl)
     assert (lab, unl) == fraction_split(ds, 0.1, seed=0)
@@ -404,3 +399,35 @@ def test_voc_class_list_does_not_depend_on_the_split(tmp_path):
     (tmp_path / "classes.txt").write_text("\n".join(SHAPES[1:]))
     with pytest.raises(ValueError, match=r"circle.*classes\.txt"):
         VOCDetection(root, "trainval", classes=tmp_path / "classes.txt")
+
+
+class _Labels:
+    """A detection dataset reduced to what kshot_subset reads: classes, image ids, labels."""
+
+    def __init__(self, labels, num_classes):
+        self.labels, self.classes = labels, tuple(f"c{k}" for k in range(1, num_classes + 1))
+        self.image_ids = [100 + i for i in range(len(labels))]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def annotations(self, i):
+        return {"labels": np.asarray(self.labels[i], np.int64)}
+
+
+def test_kshot_is_k_images_per_class():
+    ds = SyntheticDetection(120, 64, seed=0)
+    for k in (1, 5):
+        ids = kshot_subset(ds, k, seed=1)
+        assert len(ids) == len(set(ids)) == k * len(SHAPES)  # DAP: 5-shot on 80 classes = 400 images
+        sub = subset_by_ids(ds, ids)
+        per_class = Counter(int(c) for i in range(len(sub)) for c in np.unique(sub.annotations(i)["labels"]))
+        assert all(per_class[c] >= k for c in range(1, 9))
+    assert kshot_subset(ds, 5, seed=1) == kshot_subset(ds, 5, seed=1) != kshot_subset(ds, 5, seed=2)
+    # class 2 only in images 0-1: served first (the rarest), so class 1 takes other images
+    for seed in range(4):
+        ids = kshot_subset(_Labels([[1, 2], [1, 2], [1], [1], [1]], 2), 2, seed)
+        assert len(ids) == 4 and {100, 101} <= set(ids)
+    with pytest.warns(UserWarning, match=r"c3"):  # the data does not allow 2 images of c3
+        ids = kshot_subset(_Labels([[1], [1], [1], [2], [2], [2], [3]], 3), 2)
+    assert len(ids) == 5 and 106 in ids
