@@ -431,3 +431,54 @@ def test_kshot_is_k_images_per_class():
     with pytest.warns(UserWarning, match=r"c3"):  # the data does not allow 2 images of c3
         ids = kshot_subset(_Labels([[1], [1], [1], [2], [2], [2], [3]], 3), 2)
     assert len(ids) == 5 and 106 in ids
+
+
+class _Built(Exception):
+    """Raised by the stand-in for build_detection_dataset once the training set is asked for."""
+
+
+# script, its argv, the function that builds the training set, the split that set is read from
+_TRAINING_SETS = {
+    "dap": ("dap", ["finetune", "--init", "x.pth"], lambda m, a, out: m.finetune_detector(a, None),
+            lambda m, a: m.apply_protocol(a).train_split),
+    "jigsaw_pretrain": ("jigsaw", [], lambda m, a, out: m.build_pretrain_data(a), lambda m, a: a.train_split),
+    "jigsaw_finetune": ("jigsaw", ["--arch", "mask_rcnn"], lambda m, a, out: m.detection_data(a, None),
+                        lambda m, a: a.train_split),
+    "noisy_anchor": ("noisy_anchor", [], lambda m, a, out: m.build_datasets(a), lambda m, a: a.train_split),
+    "soco": ("soco", [], lambda m, a, out: m.stage_finetune(a, None), lambda m, a: a.train_split or "train2017"),
+    "ssod_certainty": ("ssod_certainty", [], lambda m, a, out: m.build_datasets(a), lambda m, a: a.train_split),
+    "analysis_finetune": ("det_pretrain_analysis", [], lambda m, a, out: m.finetune_detection(a, None, None, out),
+                          lambda m, a: a.det_train_split),
+    "analysis_removal": ("det_pretrain_analysis", ["--remove-categories", "circle"],
+                         lambda m, a, out: m.run_removal(a, None, {}, out), lambda m, a: a.pretrain_split),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TRAINING_SETS))
+def test_every_script_builds_its_training_set_with_train_true(case, tmp_path, monkeypatch):
+    """Crowd boxes and images without a usable box stay out of every script's training set: the
+    call that reads the training split passes train=True (and masks=True for Mask R-CNN)."""
+    import importlib
+
+    import common.data
+
+    name, argv, run, split_of = _TRAINING_SETS[case]
+    module = importlib.import_module(name)
+    out_flag = "--output-dir" if name in ("noisy_anchor", "ssod_certainty") else "--out"
+    parse = getattr(module, "parse_args", None) or (lambda argv: module.get_args_parser().parse_args(argv))
+    args = parse([*argv, out_flag, str(tmp_path)])
+    train_split = split_of(module, parse([*argv, out_flag, str(tmp_path)]))
+    real, calls = common.data.build_detection_dataset, []
+
+    def build(data, split, *a, **kw):
+        calls.append((split, kw.get("train", False), kw.get("masks", False)))
+        if split == train_split:
+            raise _Built
+        return real(data, split, *a, **kw)
+
+    monkeypatch.setattr(common.data, "build_detection_dataset", build)  # jigsaw reads it as cdata.<name>
+    if hasattr(module, "build_detection_dataset"):
+        monkeypatch.setattr(module, "build_detection_dataset", build)
+    with pytest.raises(_Built):
+        run(module, args, tmp_path)
+    assert calls[-1] == (train_split, True, case == "jigsaw_finetune")  # --arch mask_rcnn: COCO's masks
