@@ -786,7 +786,8 @@ def finetune_detector(args, env) -> dict:
     seed_everything(args.seed)
     args, out = apply_protocol(args), Path(args.out)
     train_set = build_detection_dataset(args.data, args.train_split, detection_transforms(True, args.scales, args.max_size),
-                                        num_images=args.synthetic_images, image_size=args.image_size, seed=args.seed)
+                                        num_images=args.synthetic_images, image_size=args.image_size, seed=args.seed,
+                                        train=True)
     test_data = args.data.split(",")[0]  # VOC07+12 trains on both, tests on VOC2007 test
     test_set = build_detection_dataset(test_data, args.test_split, detection_transforms(False),
                                        num_images=args.test_images, image_size=args.image_size, seed=args.seed)

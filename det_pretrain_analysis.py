@@ -454,12 +454,13 @@ def cls_dataset(args, split: str, augment: bool):
                                         num_images=n, image_size=args.synthetic_size, seed=args.seed)
 
 
-def det_dataset(args, split: str, data: str = "", transforms=None):
-    """A detection split; synthetic sizes follow the split's role (train / pre-train / test)."""
+def det_dataset(args, split: str, data: str = "", transforms=None, train: bool = False):
+    """A detection split; synthetic sizes follow the split's role (train / pre-train / test).
+    `train`: a training set (crowd boxes and images without a box dropped; see common.data)."""
     n = {args.det_train_split: args.synthetic_train, args.pretrain_split: args.synthetic_pretrain}.get(
         split, args.synthetic_test)
     return build_detection_dataset(data or args.det_data, split, transforms, num_images=n,
-                                   image_size=args.synthetic_size, seed=args.seed)
+                                   image_size=args.synthetic_size, seed=args.seed, train=train)
 
 
 def detector_kwargs(args) -> dict:
@@ -518,7 +519,8 @@ def finetune_detection(args, env, net: Net, out: Path) -> dict:
     if (res := _done(out / "result.json")) is not None:
         return res
     train_set = det_dataset(args, args.det_train_split,
-                            transforms=detection_transforms(True, args.det_scales, args.det_max_size, args.hflip))
+                            transforms=detection_transforms(True, args.det_scales, args.det_max_size, args.hflip),
+                            train=True)
     test_set = det_dataset(args, args.det_test_split, args.det_test_data, detection_transforms(False))
     seed_everything(args.seed)  # identical head initialisation for every network
     model = build_detector(args.arch, len(train_set.classes), norm="frozen_bn", **detector_kwargs(args))
@@ -799,7 +801,7 @@ def run_removal(args, env, nets, report: Path) -> dict:
     if unknown := [n for n in names if n not in downstream]:
         raise ValueError(f"--remove-categories {unknown} are not classes of the fine-tuning set {list(downstream)}")
     pre = det_dataset(args, args.pretrain_split, args.pretrain_data,
-                      detection_transforms(True, args.det_scales, args.det_max_size, args.hflip))
+                      detection_transforms(True, args.det_scales, args.det_max_size, args.hflip), train=True)
     keep = without_categories(pre, names)
     if not keep:
         raise ValueError(f"no pre-training image is left without {names}")
@@ -993,7 +995,7 @@ def demo(args) -> dict:
         save_checkpoint(cls_ckpt, {"model": model.state_dict(), "args": vars(pre)})
     print(f"[demo {time.time() - t0:.0f}s] classifier pre-trained ({steps} it. x {batch} object-centric images)")
     scenes = det_dataset(pre, pre.pretrain_split, pre.pretrain_data,
-                         detection_transforms(True, pre.det_scales, pre.det_max_size, pre.hflip))
+                         detection_transforms(True, pre.det_scales, pre.det_max_size, pre.hflip), train=True)
     det_ckpt = pretrain_detector(pre, env, scenes, out / "pretrain" / "det")
     print(f"[demo {time.time() - t0:.0f}s] detector pre-trained ({steps} it. x {batch} scenes)")
 

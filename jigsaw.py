@@ -58,7 +58,7 @@ CHOICE: the from-scratch baseline (Tab. 5) swaps the ResNet's BN for GroupNorm (
     trains every layer; the detector heads are the same as in fine-tuning. Its LR steps are the 1x
     schedule's (9/13 and 12/13 of training) stretched to its budget.
 NOTE: --arch mask_rcnn needs instance masks in the targets: the built-in synthetic data has them,
-    common.data's COCO and VOC loaders read boxes only (the run stops with that message).
+    common.data's COCO loader reads them (polygons and RLE); VOC has none (the run stops there).
 CHOICE: equal compute (Table 5, "GPU days"): the from-scratch run gets as many detector
     iterations as fit in the compute time of Jigsaw pre-training + fine-tuning (`--scratch-budget-s`;
     the demo passes what it measured), timed by `compute_seconds`: GPU wall-clock on CUDA, the
@@ -571,7 +571,7 @@ def build_pretrain_data(args) -> JigsawAssembly:
     """The sample table (extracted once, by rank 0) and the assembly dataset over it."""
     samples = Path(args.samples or Path(args.out) / "samples")
     source = cdata.build_detection_dataset(args.data, args.train_split, num_images=args.num_images,
-                                           image_size=args.image_size, seed=args.seed)
+                                           image_size=args.image_size, seed=args.seed, train=True)
     if cdist.is_main() and not (samples / "meta.json").is_file():
         t0 = time.time()
         extract_samples(source, samples, args.seed, args.neg_ratio, args.max_enlarge)
@@ -635,7 +635,8 @@ def detection_data(args, env):
     """Training loader (per-rank batch) and evaluation loader of the detection dataset."""
     kw = dict(num_images=args.num_images, image_size=args.image_size, seed=args.seed)
     train_set = cdata.build_detection_dataset(
-        args.data, args.train_split, cdata.detection_transforms(True, (args.min_size,), args.max_size), **kw)
+        args.data, args.train_split, cdata.detection_transforms(True, (args.min_size,), args.max_size), **kw,
+        train=True, masks=args.arch == "mask_rcnn")
     val_set = cdata.build_detection_dataset(args.data, args.val_split, cdata.detection_transforms(False), **kw)
     # --det-batch-size is the global detection batch (16 in Sec. 4.1); each rank takes batch / world.
     train_loader = cdata.build_loader(train_set, args.det_batch_size // env.world_size, train=True,
@@ -693,8 +694,8 @@ def finetune(args, env, scratch: bool = False) -> dict:
     train_set, loader, val_loader = detection_data(args, env)
     C = len(train_set.classes)
     if args.arch == "mask_rcnn" and "masks" not in train_set[0][1]:
-        raise ValueError(f"--arch mask_rcnn needs instance masks, and {args.data} yields none (the COCO and VOC "
-                         f"loaders read boxes only); use faster_rcnn_c4 / faster_rcnn_fpn")
+        raise ValueError(f"--arch mask_rcnn needs instance masks, and {args.data} yields none; "
+                         f"use faster_rcnn_c4 / faster_rcnn_fpn")
     iters_per_epoch = len(loader)
     epochs, steps = args.det_epochs, list(args.det_steps)
     schedule_file = out / "schedule.json"

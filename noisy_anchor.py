@@ -528,7 +528,7 @@ def evaluate(args, env, model, val_set) -> dict:
 def build_datasets(args):
     kw = dict(num_images=args.synthetic_train, image_size=args.synthetic_size, seed=args.seed)
     train_set = build_detection_dataset(args.data, args.train_split,
-                                        detection_transforms(True, args.train_scales, args.max_size), **kw)
+                                        detection_transforms(True, args.train_scales, args.max_size), **kw, train=True)
     kw["num_images"] = args.synthetic_val
     val_set = build_detection_dataset(args.data, args.val_split, detection_transforms(False), **kw)
     return train_set, val_set

@@ -58,8 +58,8 @@ neither weight decay nor adaptation (timm's Lars + its weight-decay groups); war
 DEVIATION (we differ from the paper or the released code):
 - The FPN has no normalisation (the released code and its detectron2 configs put (Sync)BN in the
   FPN): ours is torchvision's FPN, the one `common.detectors` builds, so every FPN tensor transfers.
-- Transfer goes into Faster R-CNN (box AP); the project's COCO loader and metrics have no masks,
-  so the Mask R-CNN mask AP of Tables 1-2, 8 is not reported.
+- Transfer goes into Faster R-CNN (box AP); the project's metrics have no mask AP, so the
+  Mask R-CNN mask AP of Tables 1-2, 8 is not reported.
 - Selective search is OpenCV-contrib's implementation of Uijlings et al. (fast mode by default;
   `--ss-mode quality` for the slower one) instead of the released single-strategy Python port.
 - `--v3-crop independent` (off by default) reproduces the released code's independent 112 crop;
@@ -442,7 +442,7 @@ def source_fingerprint(source) -> str:
     """Ties a proposal table to the image list it was made from."""
     if isinstance(source, SyntheticDetection):
         return f"synthetic:{len(source)}:{source.size}:{source.seed}"
-    names = "\n".join(os.path.relpath(p, source.folder.root) for p, _ in source.folder.samples)
+    names = "\n".join(source.relpath(i) for i in range(len(source)))
     return "sha1:" + hashlib.sha1(names.encode()).hexdigest()
 
 
@@ -798,7 +798,7 @@ def stage_finetune(args, env) -> dict:
     test_split = args.test_split or ("test" if voc else "val2017")
     synth = dict(num_images=args.synthetic_images, image_size=args.image_size, seed=args.seed)
     train_set = build_detection_dataset(args.det_data, train_split, detection_transforms(True, scales, args.det_max_size),
-                                        **synth)
+                                        **synth, train=True)
     if args.fraction < 1:  # Mini COCO (Tab. 8): a seeded fraction of the training images
         labelled, _ = fraction_split(train_set, args.fraction, args.seed)
         if is_main():

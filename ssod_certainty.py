@@ -525,7 +525,7 @@ def build_datasets(args):
     """(labelled, unlabelled, validation) datasets without augmentation."""
     synthetic = dict(num_images=args.synthetic_train, image_size=args.synthetic_size, seed=args.seed,
                      long_tail=args.long_tail) if args.data == "synthetic" else {}
-    train_set = build_detection_dataset(args.data, args.train_split, **synthetic)
+    train_set = build_detection_dataset(args.data, args.train_split, **synthetic, train=True)
     if args.data == "synthetic":
         synthetic["num_images"] = args.synthetic_val
     val_set = build_detection_dataset(args.data, args.val_split, transforms=v2.ToDtype(torch.float32, scale=True),

@@ -134,7 +134,7 @@ def test_malformed_and_degenerate_annotations(tmp_path):
     data["annotations"][1]["bbox"] = [200.0, 5.0, 10.0, 10.0]  # outside the image: degenerate
     path.write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="dropped 2 degenerate"):
-        coco = CocoDetection(tmp_path / "train", path)
+        coco = CocoDetection(tmp_path / "train", path, train=True)
     assert coco.num_dropped_boxes == 2 and len(coco.boxes) == len(data["annotations"]) - 2
     data["annotations"][2]["bbox"] = [1, 2, 3]
     path.write_text(json.dumps(data))
@@ -216,13 +216,8 @@ def test_loader_refuses_a_batch_larger_than_the_data():
         build_loader(SyntheticDetection(3, 64), batch_size=4, train=True, workers=0)
 
 
-def test_kshot_and_fraction_splits(tmp_path):
+def test_fraction_splits(tmp_path):
     ds = SyntheticDetection(120, 64, seed=0)
-    ids = kshot_subset(ds, 5, seed=1)
-    assert ids == kshot_subset(ds, 5, seed=1) and ids != kshot_subset(ds, 5, seed=2)
-    sub = subset_by_ids(ds, ids)
-    per_class = Counter(int(c) for i in range(len(sub)) for c in np.unique(sub.annotations(i)["labels"]))
-    assert all(per_class[c] >= 5 for c in range(1, 9)) and len(ids) < 60
     lab, unl = fraction_split(ds, 0.1, seed=0)
     assert len(lab) == 12 and len(unl) == 108 and not set(lab) & set(unl)
     assert (lab, unl) == fraction_split(ds, 0.1, seed=0)
@@ -230,3 +225,260 @@ def test_kshot_and_fraction_splits(tmp_path):
     assert load_split(tmp_path / "split.json") == {"labelled": lab, "unlabelled": unl}
     with pytest.raises(KeyError, match="not in the dataset"):
         subset_by_ids(ds, [10_000])
+
+
+def test_imagefolder_pickles_and_loads_under_spawn(tmp_path):
+    """No lambda inside (workers under spawn / forkserver get a pickled copy); paths and labels are
+    flat arrays, not a per-image list of tuples."""
+    import pickle
+
+    export_imagefolder(SyntheticDetection(4, 32, mode="object", seed=2), tmp_path)
+    folder = ImageFolderDataset(tmp_path)
+    assert isinstance(folder.targets, np.ndarray) and not hasattr(folder, "folder")
+    copy = pickle.loads(pickle.dumps(folder))
+    assert len(copy) == 4 and all(torch.equal(copy[i][0], folder[i][0]) for i in range(4))
+    assert [copy.relpath(i).split("/")[0] for i in range(4)] == [folder.classes[t] for t in folder.targets]
+    loader = torch.utils.data.DataLoader(folder, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    labels = torch.cat([y for _, y in loader]).tolist()
+    assert labels == folder.targets.tolist()
+
+
+def test_sanitize_filters_every_per_box_field():
+    """A box dropped by SanitizeBoundingBoxes takes its label, crowd / difficult flags, area and
+    mask with it: the fields stay aligned with the boxes."""
+    from torchvision import tv_tensors
+
+    boxes = torch.tensor([[0, 0, 10, 10], [5, 5, 5.5, 20], [20, 20, 40, 40]])
+    masks = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.ceil().long().tolist()):
+        masks[k, y1:y2, x1:x2] = 1
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(64, 64)),
+              "labels": torch.tensor([1, 2, 3]), "iscrowd": torch.tensor([False, True, False]),
+              "difficult": torch.tensor([True, False, False]), "area": torch.tensor([100.0, 7.5, 400.0]),
+              "masks": tv_tensors.Mask(masks), "image_id": 7}
+    image = tv_tensors.Image(torch.zeros(3, 64, 64, dtype=torch.uint8))
+    _, out = detection_transforms(True, scales=(64,), max_size=1000, hflip=0)(image, target)
+    assert out["labels"].tolist() == [1, 3] and out["image_id"] == 7
+    assert out["iscrowd"].tolist() == [False, False] and out["difficult"].tolist() == [True, False]
+    assert out["area"].tolist() == [100.0, 400.0] and out["masks"].flatten(1).sum(1).tolist() == [100, 400]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's crowd format: run lengths of the column-major mask, starting with a run of zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return {"counts": ([0] + runs) if flat[0] else runs, "size": list(mask.shape)}
+
+
+def _hand_made_coco(tmp_path):
+    """Export of 5 synthetic images, then edited: image 1 has a crowd box (uncompressed RLE) among
+    its boxes, image 2 only a crowd box, image 3 only a zero-width box, image 4 no annotation at
+    all, image 5 is untouched. Image 1's second annotation becomes a polygon."""
+    ds = SyntheticDetection(5, 64, seed=0)
+    path = export_coco(ds, tmp_path, "train")
+    data = json.loads(path.read_text())
+    per_image = {i: [a for a in data["annotations"] if a["image_id"] == i] for i in range(1, 6)}
+    masks = {i: ds.annotations(i - 1, masks=True)["masks"] for i in range(1, 6)}
+    one = per_image[1]
+    one[0].update(iscrowd=1, segmentation=_uncompressed_rle(masks[1][0]))
+    x, y, w, h = one[1]["bbox"]
+    one[1]["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon: its box
+    per_image[2] = per_image[2][:1]
+    per_image[2][0].update(iscrowd=1, segmentation=_uncompressed_rle(masks[2][0]))
+    per_image[3] = per_image[3][:1]
+    per_image[3][0]["bbox"][2] = 0.0
+    per_image[4] = []
+    data["annotations"] = [a for i in range(1, 6) for a in per_image[i]]
+    path.write_text(json.dumps(data))
+    return path, data, per_image, masks
+
+
+def test_coco_train_drops_crowd_and_empty_images_eval_keeps_everything(tmp_path):
+    path, data, per_image, _ = _hand_made_coco(tmp_path)
+    ev = CocoDetection(tmp_path / "train", path)  # train=False: every image, every box as written
+    assert ev.image_ids == [1, 2, 3, 4, 5] and len(ev.boxes) == len(data["annotations"])
+    assert ev.annotations(0)["iscrowd"].tolist() == [True] + [False] * (len(per_image[1]) - 1)
+    assert ev[1][1]["iscrowd"].tolist() == [True] and len(ev[3][1]["boxes"]) == 0
+    x, y, _, h = per_image[3][0]["bbox"]
+    np.testing.assert_array_equal(ev.annotations(2)["boxes"], [[x, y, x, y + h]])  # zero width, kept
+    with pytest.warns(UserWarning, match="dropped 1 degenerate"):
+        tr = CocoDetection(tmp_path / "train", path, train=True)
+    assert tr.image_ids == [1, 5] and not tr.iscrowd.any() and tr.num_dropped_boxes == 1
+    assert len(tr.annotations(0)["labels"]) == len(per_image[1]) - 1
+    assert tr[0][1]["image_id"] == 1 and tr[1][1]["image_id"] == 5
+    with pytest.warns(UserWarning):
+        assert build_detection_dataset(str(tmp_path), "train", train=True).image_ids == [1, 5]
+    assert build_detection_dataset(str(tmp_path), "train").image_ids == [1, 2, 3, 4, 5]
+
+
+def test_voc_train_drops_degenerate_boxes_and_empty_images_keeps_difficult(tmp_path):
+    root = export_voc(SyntheticDetection(4, 64, seed=3), tmp_path, "trainval")
+    xmls = sorted((root / "Annotations").glob("*.xml"))
+    text = xmls[1].read_text()
+    xmin = text.split("<xmin>")
+    xmls[1].write_text("<xmin>".join([xmin[0]] + ["300" + s[s.index("<"):] for s in xmin[1:]]))  # all outside
+    xmls[2].write_text(xmls[2].read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    ev = VOCDetection(root, "trainval")
+    assert ev.image_ids == [0, 1, 2, 3] and (ev.annotations(1)["boxes"][:, 0] == 299).all()  # as written
+    with pytest.warns(UserWarning, match="degenerate"):
+        tr = VOCDetection(root, "trainval", train=True)
+    assert tr.image_ids == [0, 2, 3] and tr.num_dropped_boxes == len(ev.annotations(1)["labels"])
+    assert tr.difficult.sum() == ev.difficult.sum() - ev.annotations(1)["difficult"].sum() > 0  # Detectron2
+
+
+def test_coco_masks_polygons_and_rle_follow_the_boxes(tmp_path):
+    from pycocotools import mask as mask_utils
+    from torchvision import tv_tensors
+
+    path, data, per_image, masks = _hand_made_coco(tmp_path)
+    ev = CocoDetection(tmp_path / "train", path, masks=True)
+    _, t = ev[0]
+    assert isinstance(t["masks"], tv_tensors.Mask) and t["masks"].shape == (len(per_image[1]), 64, 64)
+    np.testing.assert_array_equal(t["masks"][0].numpy(), masks[1][0])  # crowd: uncompressed RLE
+    x, y, w, h = per_image[1][1]["bbox"]
+    poly = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(per_image[1][1]["segmentation"], 64, 64)))
+    np.testing.assert_array_equal(t["masks"][1].numpy(), poly)  # polygon
+    np.testing.assert_array_equal(t["masks"][2:].numpy(), masks[1][2:])  # compressed RLE
+    assert ev[3][1]["masks"].shape == (0, 64, 64)
+    with pytest.warns(UserWarning, match="degenerate"):
+        tr = CocoDetection(tmp_path / "train", path, train=True, masks=True,
+                           transforms=detection_transforms(True, scales=(128,), max_size=1000, hflip=1.0))
+    img, t = tr[1]  # image 5, resized x2 and flipped
+    assert img.shape[-2:] == t["masks"].shape[-2:] == (128, 128) and len(t["masks"]) == len(t["boxes"])
+    for box, m in zip(t["boxes"], t["masks"].bool()):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        tight = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        torch.testing.assert_close(tight, box.as_subclass(torch.Tensor), atol=2, rtol=0)
+    assert "masks" not in CocoDetection(tmp_path / "train", path)[0][1]
+    root = export_voc(SyntheticDetection(2, 64, seed=0), tmp_path / "voc")
+    with pytest.raises(ValueError, match="no instance masks"):
+        build_detection_dataset(str(root), "trainval", masks=True)
+
+
+def test_coco_json_without_images_or_annotations_names_the_file(tmp_path):
+    path = export_coco(SyntheticDetection(2, 64, seed=0), tmp_path, "train")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps([data]))
+    with pytest.raises(ValueError, match=rf"{path}.*JSON list.*'images'"):
+        CocoDetection(tmp_path / "train", path)
+    for key in ("images", "annotations"):
+        path.write_text(json.dumps({k: v for k, v in data.items() if k != key}))
+        with pytest.raises(ValueError, match=rf"{path}.*no '{key}' list"):
+            CocoDetection(tmp_path / "train", path)
+    path.write_text(json.dumps(dict(data, images=[])))
+    with pytest.raises(ValueError, match=rf"{path}.*no image"):
+        CocoDetection(tmp_path / "train", path)
+    path.write_text(json.dumps(dict(data, images=[{"id": 1, "file_name": "00000001.png"}])))
+    with pytest.raises(ValueError, match=rf"image id 1 in {path}.*'height'"):
+        CocoDetection(tmp_path / "train", path)
+
+
+def test_empty_voc_split_names_the_file(tmp_path):
+    root = export_voc(SyntheticDetection(2, 64, seed=0), tmp_path)
+    split = root / "ImageSets" / "Main" / "test.txt"
+    split.write_text("\n")
+    with pytest.raises(ValueError, match=rf"{split}.*no image"):
+        VOCDetection(root, "test")
+
+
+def test_voc_class_list_does_not_depend_on_the_split(tmp_path):
+    ds = SyntheticDetection(16, 64, seed=5)
+    root = export_voc(ds, tmp_path, "trainval")
+    stems = (root / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    without_circle = [s for i, s in enumerate(stems) if 1 not in ds.annotations(i)["labels"]]
+    assert 0 < len(without_circle) < len(stems)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(without_circle))
+    test = VOCDetection(root, "test")  # no circle in this split: the labels must not shift
+    assert test.classes == VOCDetection(root, "trainval").classes == SHAPES
+    first = stems.index(without_circle[0])
+    np.testing.assert_array_equal(test.annotations(0)["labels"], ds.annotations(first)["labels"])
+    (tmp_path / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+    assert VOCDetection(root, "test", classes=tmp_path / "classes.txt").classes == SHAPES
+    assert build_detection_dataset(str(root), "test", classes=tmp_path / "classes.txt").classes == SHAPES
+    (tmp_path / "classes.txt").write_text("\n".join(SHAPES[1:]))
+    with pytest.raises(ValueError, match=r"circle.*classes\.txt"):
+        VOCDetection(root, "trainval", classes=tmp_path / "classes.txt")
+
+
+class _Labels:
+    """A detection dataset reduced to what kshot_subset reads: classes, image ids, labels."""
+
+    def __init__(self, labels, num_classes):
+        self.labels, self.classes = labels, tuple(f"c{k}" for k in range(1, num_classes + 1))
+        self.image_ids = [100 + i for i in range(len(labels))]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def annotations(self, i):
+        return {"labels": np.asarray(self.labels[i], np.int64)}
+
+
+def test_kshot_is_k_images_per_class():
+    ds = SyntheticDetection(120, 64, seed=0)
+    for k in (1, 5):
+        ids = kshot_subset(ds, k, seed=1)
+        assert len(ids) == len(set(ids)) == k * len(SHAPES)  # DAP: 5-shot on 80 classes = 400 images
+        sub = subset_by_ids(ds, ids)
+        per_class = Counter(int(c) for i in range(len(sub)) for c in np.unique(sub.annotations(i)["labels"]))
+        assert all(per_class[c] >= k for c in range(1, 9))
+    assert kshot_subset(ds, 5, seed=1) == kshot_subset(ds, 5, seed=1) != kshot_subset(ds, 5, seed=2)
+    # class 2 only in images 0-1: served first (the rarest), so class 1 takes other images
+    for seed in range(4):
+        ids = kshot_subset(_Labels([[1, 2], [1, 2], [1], [1], [1]], 2), 2, seed)
+        assert len(ids) == 4 and {100, 101} <= set(ids)
+    with pytest.warns(UserWarning, match=r"c3"):  # the data does not allow 2 images of c3
+        ids = kshot_subset(_Labels([[1], [1], [1], [2], [2], [2], [3]], 3), 2)
+    assert len(ids) == 5 and 106 in ids
+
+
+class _Built(Exception):
+    """Raised by the stand-in for build_detection_dataset once the training set is asked for."""
+
+
+# script, its argv, the function that builds the training set, the split that set is read from
+_TRAINING_SETS = {
+    "dap": ("dap", ["finetune", "--init", "x.pth"], lambda m, a, out: m.finetune_detector(a, None),
+            lambda m, a: m.apply_protocol(a).train_split),
+    "jigsaw_pretrain": ("jigsaw", [], lambda m, a, out: m.build_pretrain_data(a), lambda m, a: a.train_split),
+    "jigsaw_finetune": ("jigsaw", ["--arch", "mask_rcnn"], lambda m, a, out: m.detection_data(a, None),
+                        lambda m, a: a.train_split),
+    "noisy_anchor": ("noisy_anchor", [], lambda m, a, out: m.build_datasets(a), lambda m, a: a.train_split),
+    "soco": ("soco", [], lambda m, a, out: m.stage_finetune(a, None), lambda m, a: a.train_split or "train2017"),
+    "ssod_certainty": ("ssod_certainty", [], lambda m, a, out: m.build_datasets(a), lambda m, a: a.train_split),
+    "analysis_finetune": ("det_pretrain_analysis", [], lambda m, a, out: m.finetune_detection(a, None, None, out),
+                          lambda m, a: a.det_train_split),
+    "analysis_removal": ("det_pretrain_analysis", ["--remove-categories", "circle"],
+                         lambda m, a, out: m.run_removal(a, None, {}, out), lambda m, a: a.pretrain_split),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TRAINING_SETS))
+def test_every_script_builds_its_training_set_with_train_true(case, tmp_path, monkeypatch):
+    """Crowd boxes and images without a usable box stay out of every script's training set: the
+    call that reads the training split passes train=True (and masks=True for Mask R-CNN)."""
+    import importlib
+
+    import common.data
+
+    name, argv, run, split_of = _TRAINING_SETS[case]
+    module = importlib.import_module(name)
+    out_flag = "--output-dir" if name in ("noisy_anchor", "ssod_certainty") else "--out"
+    parse = getattr(module, "parse_args", None) or (lambda argv: module.get_args_parser().parse_args(argv))
+    args = parse([*argv, out_flag, str(tmp_path)])
+    train_split = split_of(module, parse([*argv, out_flag, str(tmp_path)]))
+    real, calls = common.data.build_detection_dataset, []
+
+    def build(data, split, *a, **kw):
+        calls.append((split, kw.get("train", False), kw.get("masks", False)))
+        if split == train_split:
+            raise _Built
+        return real(data, split, *a, **kw)
+
+    monkeypatch.setattr(common.data, "build_detection_dataset", build)  # jigsaw reads it as cdata.<name>
+    if hasattr(module, "build_detection_dataset"):
+        monkeypatch.setattr(module, "build_detection_dataset", build)
+    with pytest.raises(_Built):
+        run(module, args, tmp_path)
+    assert calls[-1] == (train_split, True, case == "jigsaw_finetune")  # --arch mask_rcnn: COCO's masks

@@ -110,3 +110,66 @@ def test_coco_perfect_and_empty():
     assert coco_evaluate(empty, targets)["AP"] == 0.0
     with pytest.raises(ValueError, match="one dict per image"):
         coco_evaluate(perfect[:2], targets)
+
+
+class _FixedDetector(torch.nn.Module):
+    """Returns the given predictions, one image per call, in loader order."""
+
+    def __init__(self, predictions):
+        super().__init__()
+        self.predictions, self.calls = predictions, 0
+
+    def forward(self, images):
+        out = self.predictions[self.calls:self.calls + len(images)]
+        self.calls += len(images)
+        return out
+
+
+def test_evaluation_ground_truth_is_the_json_as_written(tmp_path):
+    """A hand-made COCO JSON with a box running out of the image, a zero-width box, a crowd region
+    and an image without annotations: evaluate_detector over the loader (train=False) gives
+    pycocotools' own numbers on the JSON (boxes neither clipped nor dropped)."""
+    import json
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from PIL import Image
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from common.data import build_detection_dataset, build_loader
+    from common.evaluation import evaluate_detector
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    images = [{"id": 10, "file_name": "a.png", "height": 64, "width": 64},
+              {"id": 20, "file_name": "b.png", "height": 64, "width": 64}]
+    for im in images:
+        Image.new("RGB", (64, 64)).save(tmp_path / "val" / im["file_name"])
+    gt = [([4, 4, 20, 20], 3, 0), ([50, 10, 30, 20], 3, 0),  # the second runs 16 px out of the image
+          ([30, 40, 0, 10], 7, 0), ([0, 30, 30, 30], 7, 1), ([10, 40, 15, 15], 7, 0)]  # zero width, crowd
+    anns = [{"id": k + 1, "image_id": 10, "category_id": c, "bbox": b, "area": float(b[2] * b[3]), "iscrowd": z}
+            for k, (b, c, z) in enumerate(gt)]
+    ann_file = tmp_path / "annotations" / "instances_val.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}))
+    dets = [(10, [4, 4, 20, 20], 3, 0.9), (10, [50, 10, 30, 20], 3, 0.8), (10, [1, 31, 28, 28], 7, 0.7),
+            (10, [10, 40, 15, 15], 7, 0.6), (10, [30, 40, 2, 10], 7, 0.5), (20, [5, 5, 10, 10], 3, 0.95)]
+    with redirect_stdout(StringIO()):
+        coco = COCO(str(ann_file))
+        ev = COCOeval(coco, coco.loadRes([{"image_id": i, "bbox": b, "category_id": c, "score": s}
+                                          for i, b, c, s in dets]), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    label = {3: 1, 7: 2}
+    predictions = [{"boxes": torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for i, b, _, _ in dets if i == im],
+                                          dtype=torch.float32).reshape(-1, 4),
+                    "labels": torch.tensor([label[c] for i, _, c, _ in dets if i == im]),
+                    "scores": torch.tensor([s for i, _, _, s in dets if i == im])} for im in (10, 20)]
+    dataset = build_detection_dataset(str(tmp_path), "val")
+    loader = build_loader(dataset, 1, train=False, workers=0)
+    ours = evaluate_detector(_FixedDetector(predictions), loader, torch.device("cpu"))
+    for k, ref in zip(["AP", "AP50", "AP75", "APs", "APm", "APl"], ev.stats[:6]):
+        assert ours[k] == pytest.approx(ref, abs=1e-12), k
+    assert 0 < ours["AP"] < 1
