@@ -154,8 +154,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--crop-scale", type=float, default=0.08, help="smallest crop area fraction (ImageNet standard)")
     g = system(s, "runs/dap/cls")
     g.add_argument("--from-torchvision", action="store_true",
-                   help="no training: save torchvision's ImageNet weights as the classifier (IN-1M, Sec. 4.1)")
-    g.add_argument("--weights", default="", help="no training: save these torchvision/timm weights instead")
+                   help="no training: save torchvision's original ImageNet weights (IMAGENET1K_V1, 76.1%% top-1 "
+                        "for R50) as the classifier (IN-1M, Sec. 4.1)")
+    g.add_argument("--weights", default="",
+                   help="no training: save these weights instead ('torchvision:IMAGENET1K_V2', 'timm:<name>', a path)")
 
     # Step 2 ----------------------------------------------------------------------------------
     s = sub.add_parser("pseudo-boxes", help="Step 2: CAM pseudo boxes for every image")

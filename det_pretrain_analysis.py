@@ -97,7 +97,7 @@ from common.data import (DetectionSubset, write_json_atomic, build_classificatio
                          detection_transforms)
 from common.synthetic import SyntheticDetection
 from common.detectors import (read_state_dict, backbone_state_dict, build_classifier, build_detector,
-                              load_weights)
+                              is_torchvision, load_weights)
 from common.distributed import (all_gather_object, barrier, cleanup, init_distributed, is_main,
                                 seed_everything, wrap_ddp)
 from common.engine import build_scheduler, save_checkpoint, train_detector
@@ -151,7 +151,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("system")
     g.add_argument("--net", action="append", default=[], metavar="NAME=PATH[:KIND]",
-                   help="a pre-trained network (repeat, two or more): PATH a checkpoint or 'torchvision', "
+                   help="a pre-trained network (repeat, two or more): PATH a checkpoint, 'torchvision' "
+                        "(IMAGENET1K_V1) or 'torchvision:IMAGENET1K_V2', "
                         "KIND cls, det or auto (from its keys)")
     g.add_argument("--backbone", default="resnet101", help="ResNet of every network (paper: ResNet-101)")
     g.add_argument("--arch", default="faster_rcnn_fpn", choices=("faster_rcnn_fpn", "faster_rcnn_c4"))
@@ -214,9 +215,9 @@ def load_net(spec: str, backbone: str) -> Net:
     """One network of the comparison: its ResNet backbone through `load_weights`, whatever it came
     from; a detector keeps its full state dict too."""
     name, source, kind = parse_net(spec)
-    model = build_classifier(backbone, 1000, pretrained="torchvision" if source == "torchvision" else None)
+    model = build_classifier(backbone, 1000, pretrained=source if is_torchvision(source) else None)
     raw = None
-    if source != "torchvision":
+    if not is_torchvision(source):
         raw = read_state_dict(source)
         report = load_weights(model, raw, verbose=is_main())
         left = [k for k in report.missing + [k for k, _ in report.skipped] if not k.startswith("fc.")]

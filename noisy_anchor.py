@@ -145,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--data", default="synthetic", help="'synthetic', a COCO root or VOC root(s)")
     system.add_argument("--train-split", default="train2017")
     system.add_argument("--val-split", default="val2017")
-    system.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet backbone) or a checkpoint path")
+    system.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet IMAGENET1K_V1 backbone), 'torchvision:IMAGENET1K_V2' or a checkpoint path")
     system.add_argument("--norm", default="frozen_bn", help="backbone norm: frozen_bn / bn / syncbn / gn")
     system.add_argument("--trainable-layers", type=int, default=3, help="torchvision's count (3: stem, res2 frozen)")
     system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="base anchor size per level")

@@ -158,7 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="RPN proposals kept per image, training and test (Detectron2: 1000)")
     system.add_argument("--roi-batch", type=int, default=512, help="RoIs sampled per image (Detectron2: 512)")
     system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="FPN anchor sizes (torchvision's)")
-    system.add_argument("--pretrained", default=None, help="'torchvision' or a checkpoint path")
+    system.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet IMAGENET1K_V1), 'torchvision:IMAGENET1K_V2' or a checkpoint path")
     system.add_argument("--teacher", default=None, help="checkpoint of a trained teacher: skip its training")
     system.add_argument("--output-dir", default="runs/ssod_certainty")
     system.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")

@@ -111,3 +111,17 @@ def test_timm_resnet_keys_map_into_detectors():
     report = load_weights(det, src.state_dict(), verbose=False)
     assert not [k for k in report.missing if k.startswith(("backbone.body.", "roi_heads.box_head."))]
     assert torch.equal(det.roi_heads.box_head.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+
+
+def test_torchvision_means_imagenet1k_v1_and_v2_is_explicit(torchvision_hub):
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+
+    cls = build_classifier("resnet50", 10, pretrained="torchvision")
+    assert torchvision_hub == [ResNet50_Weights.IMAGENET1K_V1]  # torchvision's DEFAULT would be V2
+    assert cls.fc.out_features == 10 and (cls.conv1.weight == 0.25).all()
+    build_classifier("resnet50", 1000, pretrained="torchvision:IMAGENET1K_V2")
+    assert torchvision_hub[-1] == ResNet50_Weights.IMAGENET1K_V2
+    det = build_detector("faster_rcnn_fpn", 3, backbone="resnet18", pretrained="torchvision")
+    assert torchvision_hub[-1] == ResNet18_Weights.IMAGENET1K_V1 and (det.backbone.body.conv1.weight == 0.25).all()
+    with pytest.raises(ValueError, match="torchvision:IMAGENET1K_V1"):  # resnet18 has V1 only: say so
+        build_detector("retinanet", 3, backbone="resnet18", pretrained="torchvision:IMAGENET1K_V2")
