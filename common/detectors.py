@@ -116,7 +116,8 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
     """A torchvision detector for `num_classes` object classes (labels 1..C; background added).
 
     - `arch`: faster_rcnn_fpn, faster_rcnn_c4 (RoIAlign 14x14 on C4, res5 as the box head),
-      retinanet (P3-P7), mask_rcnn (FPN).
+      retinanet (P3-P5 from the FPN, P6 a stride-2 conv on C5, P7 on ReLU(P6): the paper and
+      Detectron2; torchvision's retinanet_resnet50_fpn takes P6 from P5), mask_rcnn (FPN).
     - `norm`: frozen_bn / bn / syncbn / gn in the ResNet; `trainable_layers`: as torchvision's
       (5 = everything trains, 3 = stem and res2 frozen, 0 = backbone frozen).
     - `box_head`: "2mlp" (torchvision's TwoMLPHead) or "4conv1fc" (4 conv 3x3 with BN + fc 1024).
@@ -152,9 +153,10 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
                            box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0), box_head=head,
                            box_predictor=FastRCNNPredictor(width, num_classes + 1), **common)
     else:
-        if arch == "retinanet":
-            feats = _resnet_fpn_extractor(body, trainable_layers, returned_layers=[2, 3, 4],
-                                          extra_blocks=LastLevelP6P7(256, 256))
+        if arch == "retinanet":  # P3-P5 from the FPN, P6 from C5 and P7 from P6 (RetinaNet paper, Detectron2)
+            extra = LastLevelP6P7(body.inplanes, 256)  # in_channels: C5's width (2048 / 512)
+            extra.use_P5 = False  # torchvision picks P5 when C5 has 256 channels; C5 always here
+            feats = _resnet_fpn_extractor(body, trainable_layers, returned_layers=[2, 3, 4], extra_blocks=extra)
         else:
             feats = _resnet_fpn_extractor(body, trainable_layers)
         if arch == "retinanet":
