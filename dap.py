@@ -37,6 +37,10 @@ CHOICE (the paper is silent):
 - Fine-tuning warm-up: 100 iterations (the paper names none).
 - CorLoc: an image counts when one of its pseudo boxes has IoU >= 0.5 with a true box of the
   labelled class; recall: the fraction of true boxes of that class hit at IoU >= 0.5.
+- Evaluation: the VOC protocols test on VOC2007 test and report the paper's AP_5 (`voc_mAP50`, area)
+  and AP_5,07metric (`voc07_mAP50`, 11-point), with AP / AP50 / AP75 as Detectron2's
+  PascalVOCDetectionEvaluator gives them there (devkit AP, difficult objects ignored, 11-point
+  metric; AP the mean over IoU 0.50:0.95); the coco protocol reports COCOeval's AP set.
 
 Released-code facts followed (IMPLEMENTATION_NOTES.md, DAP):
 - Scales 288 / 576 are short sides; images are zero-padded right/bottom to a multiple of 32; the
@@ -807,7 +811,7 @@ def finetune_detector(args, env) -> dict:
     if not args.eval_only:
         model = unwrap(_detector_loop(args, env, model, train_set, out, args.milestones, iters=args.iters))
     loader = build_loader(test_set, 1 if env.device.type == "cpu" else 4, train=False, workers=args.workers)
-    metrics = evaluate_detector(model, loader, env.device, voc=True)
+    metrics = evaluate_detector(model, loader, env.device, metric="coco" if args.protocol == "coco" else "voc07")
     if is_main():
         (out / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -869,7 +873,8 @@ def demo(out) -> dict:
 
 
 def print_table(rows: dict) -> None:
-    """CLS vs DAP as a markdown table (COCO AP set; VOC AP50 by the area and the 07 11-point metric)."""
+    """CLS vs DAP as a markdown table (AP / AP50 / AP75 by the protocol's metric; VOC AP50 by the area
+    and the 07 11-point metric)."""
     keys = ("AP", "AP50", "AP75", "voc_mAP50", "voc07_mAP50")
     print("\n5-shot fine-tuning on synthetic scenes, same budget and seed (numbers in %)\n")
     print("| init | AP | AP50 | AP75 | VOC AP50 (area) | VOC AP50 (07) |")

@@ -36,7 +36,10 @@ CHOICE (the paper is silent):
   constraints (Tab. 5(c)); `--proposals-kind whole` uses the whole image as the only box (K = 1,
   Tab. 4 row 1).
 - Fine-tuning (Sec. 4.2) uses detectron2's scales (COCO short side 640-800, VOC 480-800, max 1333,
-  test 800), SGD momentum 0.9, warm-up from 0.001 over 1000 iterations (COCO) / 100 (VOC).
+  test 800), SGD momentum 0.9, warm-up from 0.001 over 1000 iterations (COCO) / 100 (VOC), and
+  detectron2's evaluators: COCOeval on COCO, PascalVOCDetectionEvaluator on VOC test2007 (devkit
+  AP, difficult objects ignored, the 11-point metric, AP the mean over IoU 0.50:0.95;
+  `common.evaluation.evaluation_metric` picks it from --det-data).
 - Level thresholds scale with `--view-size` / 224 (V1's side; one set of thresholds for every
   view, so V3's boxes still drop a level), as does the blur kernel (23 px at 224, BYOL): a
   small-view run (the demo's 112 px) keeps the paper's relative assignment.
@@ -111,7 +114,7 @@ from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import JsonlLogger, build_scheduler, save_checkpoint, train_detector
-from common.evaluation import evaluate_detector
+from common.evaluation import evaluate_detector, evaluation_metric
 
 STAGES = ("pretrain", "proposals", "finetune")
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
@@ -827,7 +830,7 @@ def stage_finetune(args, env) -> dict:
                    checkpoint_every=args.checkpoint_every, resume=resume_path(args), log_every=args.log_every,
                    max_steps=iters, desc="finetune")
     test_loader = build_loader(test_set, 2, train=False, workers=args.workers)
-    metrics = evaluate_detector(model, test_loader, env.device, voc=voc)
+    metrics = evaluate_detector(model, test_loader, env.device, metric=evaluation_metric(test_data))
     if is_main():
         JsonlLogger(out / "metrics.jsonl").log(eval=True, **metrics)
         print("  ".join(f"{k} {100 * metrics[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
