@@ -37,6 +37,10 @@ CHOICE (the paper is silent):
 - Fine-tuning warm-up: 100 iterations (the paper names none).
 - CorLoc: an image counts when one of its pseudo boxes has IoU >= 0.5 with a true box of the
   labelled class; recall: the fraction of true boxes of that class hit at IoU >= 0.5.
+- Evaluation: the VOC protocols test on VOC2007 test and report the paper's AP_5 (`voc_mAP50`, area)
+  and AP_5,07metric (`voc07_mAP50`, 11-point), with AP / AP50 / AP75 as Detectron2's
+  PascalVOCDetectionEvaluator gives them there (devkit AP, difficult objects ignored, 11-point
+  metric; AP the mean over IoU 0.50:0.95); the coco protocol reports COCOeval's AP set.
 
 Released-code facts followed (IMPLEMENTATION_NOTES.md, DAP):
 - Scales 288 / 576 are short sides; images are zero-padded right/bottom to a multiple of 32; the
@@ -92,6 +96,7 @@ from common.distributed import (cleanup, init_distributed, is_main, reduce_dict,
                                 wrap_ddp)
 from common.engine import (JsonlLogger, build_scheduler, load_checkpoint, save_checkpoint,
                            train_detector)
+from common.table import RaggedTable
 from common.evaluation import evaluate_detector
 
 STRIDE = 32  # ResNet C5 stride: one CAM cell covers 32 x 32 input pixels
@@ -154,8 +159,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--crop-scale", type=float, default=0.08, help="smallest crop area fraction (ImageNet standard)")
     g = system(s, "runs/dap/cls")
     g.add_argument("--from-torchvision", action="store_true",
-                   help="no training: save torchvision's ImageNet weights as the classifier (IN-1M, Sec. 4.1)")
-    g.add_argument("--weights", default="", help="no training: save these torchvision/timm weights instead")
+                   help="no training: save torchvision's original ImageNet weights (IMAGENET1K_V1, 76.1%% top-1 "
+                        "for R50) as the classifier (IN-1M, Sec. 4.1)")
+    g.add_argument("--weights", default="",
+                   help="no training: save these weights instead ('torchvision:IMAGENET1K_V2', 'timm:<name>', a path)")
 
     # Step 2 ----------------------------------------------------------------------------------
     s = sub.add_parser("pseudo-boxes", help="Step 2: CAM pseudo boxes for every image")
@@ -448,85 +455,48 @@ class _Indexed(Dataset):
         return i, self.dataset[i]
 
 
-TABLE = ("boxes", "labels", "offsets", "image_ids", "image_labels", "sizes")
-
-
-def write_table(out_dir, tables: dict, meta: dict) -> None:
-    """Write the pseudo-box table: one .npy per array (memory-mappable), then meta.json last (its
-    presence marks a complete table). Each file is written to a temp name and renamed.
-    boxes float32 (M, 4) x1 y1 x2 y2 in image pixels; labels int64 (M,) (1..C); offsets int64
-    (N+1,) (image k owns rows offsets[k]:offsets[k+1]); image_ids int64 (N,) (index into the source
-    data set); image_labels int64 (N,) (0..C-1); sizes int32 (N, 2) original (h, w)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in TABLE:
-        tmp = out_dir / f".{name}.npy.tmp"
-        with open(tmp, "wb") as fh:
-            np.save(fh, tables[name])
-        os.replace(tmp, out_dir / f"{name}.npy")
-    meta = dict(meta, num_images=int(len(tables["image_ids"])), num_boxes=int(len(tables["boxes"])))
-    tmp = out_dir / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / "meta.json")
-
-
-def read_table(root, mmap: bool = True) -> tuple[dict, dict]:
-    """(arrays, meta) of a pseudo-box table; arrays memory-mapped (read-only) by default."""
-    root = Path(root)
-    if not (root / "meta.json").is_file():
-        raise FileNotFoundError(f"no complete pseudo-box table in {root} (meta.json missing): run "
-                                f"`dap.py pseudo-boxes --out {root}` first, or let it finish")
-    meta = json.loads((root / "meta.json").read_text())
-    arrays = {n: np.load(root / f"{n}.npy", mmap_mode="r" if mmap else None) for n in TABLE}
-    if len(arrays["offsets"]) != len(arrays["image_ids"]) + 1 or arrays["offsets"][-1] != len(arrays["boxes"]):
-        raise ValueError(f"pseudo-box table in {root} is inconsistent (offsets do not match boxes/images)")
-    return arrays, meta
+def pseudo_box_table(root) -> RaggedTable:
+    """Step 2's output, a `common.table.RaggedTable` under `root`: per box, boxes float32 (M, 4)
+    x1 y1 x2 y2 in image pixels and labels int64 (M,) (1..C); per image, image_ids int64 (index into
+    the source data set), image_labels int64 (0..C-1) and sizes int32 (N, 2) original (h, w).
+    Shards (the resume unit, one per --chunk-size images): shards/chunk_<c>.npz."""
+    return RaggedTable(root, rows=("boxes", "labels"), images=("image_ids", "image_labels", "sizes"),
+                       what="pseudo-box table", shard_prefix="chunk_",
+                       hint=f"run `dap.py pseudo-boxes --out {root}` first, or let it finish")
 
 
 class PseudoBoxDataset(Dataset):
     """Detection targets from a pseudo-box table over the images of a classification data set
     (`images[i] -> (uint8 image, label)`): item k is (image, {boxes, labels, image_id}).
 
-    The arrays are opened memory-mapped in each process on first use and never pickled, so every
-    data-loading worker shares the page cache instead of holding its own copy of the table."""
+    The table is memory-mapped in each process on first use and pickles without its arrays
+    (`common.table`), so every data-loading worker shares the page cache instead of holding a copy."""
 
     def __init__(self, root, images, transforms=None):
-        self.root, self.images, self.transforms = Path(root), images, transforms
-        self._arrays = None
-        arrays, meta = read_table(self.root)
-        self.classes = tuple(meta["classes"])
-        self._len = len(arrays["image_ids"])
-
-    @property
-    def arrays(self) -> dict:
-        if self._arrays is None:
-            self._arrays = read_table(self.root)[0]
-        return self._arrays
-
-    def __getstate__(self):  # workers reopen the memory maps instead of receiving copies
-        return dict(self.__dict__, _arrays=None)
+        self.table, self.images, self.transforms = pseudo_box_table(root), images, transforms
+        self.classes = tuple(self.table.meta["classes"])
+        self._len = len(self.table)  # opens and checks the table here, in the main process
 
     def __len__(self):
         return self._len
 
     @property
     def image_ids(self):
-        return self.arrays["image_ids"]
+        return self.table.arrays["image_ids"]
 
     def image_size(self, k: int) -> tuple[int, int]:
-        h, w = self.arrays["sizes"][k]
+        h, w = self.table.arrays["sizes"][k]
         return int(h), int(w)
 
     def annotations(self, k: int) -> dict:
-        a, b = self.arrays["offsets"][k], self.arrays["offsets"][k + 1]
-        return {"boxes": np.array(self.arrays["boxes"][a:b]), "labels": np.array(self.arrays["labels"][a:b])}
+        return self.table[k]  # {"boxes", "labels"}
 
     def __getitem__(self, k: int):
-        image, _ = self.images[int(self.arrays["image_ids"][k])]
+        image, _ = self.images[int(self.image_ids[k])]
         ann = self.annotations(k)
         target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(ann["boxes"]), format="XYXY",
                                                     canvas_size=tuple(image.shape[-2:])),
-                  "labels": torch.from_numpy(ann["labels"]), "image_id": int(self.arrays["image_ids"][k])}
+                  "labels": torch.from_numpy(ann["labels"]), "image_id": int(self.image_ids[k])}
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -535,7 +505,8 @@ class PseudoBoxDataset(Dataset):
 def export_coco_json(root, path=None) -> Path:
     """The pseudo-box table as a COCO JSON (small sets only: it is one Python object in memory).
     Image ids are source indices + 1; file names are the indices."""
-    arrays, meta = read_table(root, mmap=False)
+    table = pseudo_box_table(root)
+    arrays, meta = table.arrays, table.meta
     images, anns = [], []
     for k, (i, (h, w)) in enumerate(zip(arrays["image_ids"], arrays["sizes"])):
         images.append({"id": int(i) + 1, "file_name": f"{int(i)}", "height": int(h), "width": int(w)})
@@ -648,7 +619,8 @@ def load_classifier(path, device) -> tuple[torch.nn.Module, list]:
 def generate_pseudo_boxes(args, env) -> Path:
     seed_everything(args.seed)
     out = Path(args.out)
-    if (out / "meta.json").is_file():
+    table = pseudo_box_table(out)
+    if table.complete:
         if is_main():
             print(f"pseudo boxes already complete in {out}")
         return out
@@ -659,13 +631,10 @@ def generate_pseudo_boxes(args, env) -> Path:
         raise ValueError(f"classifier has {len(classes)} classes, the data set {len(images.classes)}")
     n = len(images)
     chunks = math.ceil(n / args.chunk_size)
-    shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
     collate = CamInputs(args.scales)
     t0, done = time.time(), 0
     for c in range(env.rank, chunks, env.world_size):  # chunk c belongs to rank c % world
-        path = shard_dir / f"chunk_{c:06d}.npz"
-        if path.is_file():
+        if table.shard_path(c).is_file():
             continue  # resume: finished shards are kept
         idx = np.arange(c * args.chunk_size, min(n, (c + 1) * args.chunk_size))
         loader = DataLoader(_Indexed(images, idx), batch_size=args.batch_size, num_workers=args.workers,
@@ -689,31 +658,19 @@ def generate_pseudo_boxes(args, env) -> Path:
             rows["image_labels"].append(labels.numpy())
             rows["sizes"].append(sizes.numpy().astype(np.int32))
             done += len(labels)
-        tmp = shard_dir / f".chunk_{c:06d}.npz.tmp"
-        with open(tmp, "wb") as fh:  # atomic: a killed run leaves no half shard
-            np.savez(fh, **{k: np.concatenate(v) for k, v in rows.items()})
-        os.replace(tmp, path)
+        table.write_shard(c, **{k: np.concatenate(v) for k, v in rows.items()})  # atomic: no half shard
         print(f"[rank {env.rank}] chunk {c + 1}/{chunks}: {done} images, {done / (time.time() - t0):.1f} img/s",
               flush=True)
     if not is_main():
         return out
-    while True:  # rank 0 merges once every rank's shards exist (no collective that could time out)
-        missing = [c for c in range(chunks) if not (shard_dir / f"chunk_{c:06d}.npz").is_file()]
-        if not missing:
-            break
+    # rank 0 merges once every rank's shards exist; it polls (a collective could time out)
+    while table.missing_shards(chunks):
         time.sleep(5)
-    parts = [np.load(shard_dir / f"chunk_{c:06d}.npz") for c in range(chunks)]
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
-    offsets = np.zeros(len(cat["counts"]) + 1, np.int64)
-    np.cumsum(cat["counts"], out=offsets[1:])
-    tables = {"boxes": cat["boxes"].reshape(-1, 4), "labels": cat["labels"].astype(np.int64), "offsets": offsets,
-              "image_ids": cat["image_ids"].astype(np.int64), "image_labels": cat["image_labels"].astype(np.int64),
-              "sizes": cat["sizes"].reshape(-1, 2)}
     meta = {"classes": list(images.classes), "data": args.data, "split": args.split, "classifier": str(args.classifier),
             "scales": args.scales, "thresholds": args.thresholds, "nms_iou": args.nms_iou,
             "box_variant": args.box_variant}
-    write_table(out, tables, meta)
-    print(f"pseudo boxes: {len(tables['boxes'])} boxes on {len(offsets) - 1} images -> {out}")
+    table.merge_shards(chunks, meta, keep_shards=True)
+    print(f"pseudo boxes: {table.meta['num_boxes']} boxes on {len(table)} images -> {out}")
     if args.coco_json:
         print(f"COCO JSON: {export_coco_json(out)}")
     if args.data == "synthetic":  # the truth is known: report pseudo-box quality
@@ -726,13 +683,12 @@ def generate_pseudo_boxes(args, env) -> Path:
 
 def pseudo_box_quality(root, truth) -> dict:
     """CorLoc and recall of a pseudo-box table against `truth.annotations(i)` (same image order)."""
-    arrays, _ = read_table(root)
+    table = pseudo_box_table(root)
     pred, true = [], []
-    for k, i in enumerate(arrays["image_ids"]):
-        a, b = arrays["offsets"][k], arrays["offsets"][k + 1]
+    for k, i in enumerate(table.arrays["image_ids"]):
         ann = truth.annotations(int(i))
-        cls = arrays["image_labels"][k] + 1
-        pred.append(torch.from_numpy(np.array(arrays["boxes"][a:b])))
+        cls = table.arrays["image_labels"][k] + 1
+        pred.append(torch.from_numpy(table[k]["boxes"]))
         true.append(torch.from_numpy(ann["boxes"][ann["labels"] == cls]))
     return box_quality(pred, true)
 
@@ -806,7 +762,7 @@ def finetune_detector(args, env) -> dict:
     if not args.eval_only:
         model = unwrap(_detector_loop(args, env, model, train_set, out, args.milestones, iters=args.iters))
     loader = build_loader(test_set, 1 if env.device.type == "cpu" else 4, train=False, workers=args.workers)
-    metrics = evaluate_detector(model, loader, env.device, voc=True)
+    metrics = evaluate_detector(model, loader, env.device, metric="coco" if args.protocol == "coco" else "voc07")
     if is_main():
         (out / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -868,7 +824,8 @@ def demo(out) -> dict:
 
 
 def print_table(rows: dict) -> None:
-    """CLS vs DAP as a markdown table (COCO AP set; VOC AP50 by the area and the 07 11-point metric)."""
+    """CLS vs DAP as a markdown table (AP / AP50 / AP75 by the protocol's metric; VOC AP50 by the area
+    and the 07 11-point metric)."""
     keys = ("AP", "AP50", "AP75", "voc_mAP50", "voc07_mAP50")
     print("\n5-shot fine-tuning on synthetic scenes, same budget and seed (numbers in %)\n")
     print("| init | AP | AP50 | AP75 | VOC AP50 (area) | VOC AP50 (07) |")

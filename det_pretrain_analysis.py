@@ -51,6 +51,8 @@ CHOICE (the paper is silent):
   removing an ImageNet-LOC class removes its images), the detector is pre-trained on the rest with
   `--pretrain-*` settings, then fine-tuned like every other network; the table reports VOC AP at
   IoU 0.7 on the removed categories (their mean when several are named, as "Vehicle" is).
+- VOC AP (Fig. 1, Tab. 1-2): the devkit's (difficult objects ignored), with the 11-point metric on
+  VOC2007 test (SNIPER's rule for years before 2010, and Detectron2's), the area metric otherwise.
 - Feature analysis and visualisation run on rank 0 only (they are cheap); training and feature
   extraction shard over ranks and gather in dataset order.
 
@@ -97,11 +99,11 @@ from common.data import (DetectionSubset, write_json_atomic, build_classificatio
                          detection_transforms)
 from common.synthetic import SyntheticDetection
 from common.detectors import (read_state_dict, backbone_state_dict, build_classifier, build_detector,
-                              load_weights)
+                              is_torchvision, load_weights)
 from common.distributed import (all_gather_object, barrier, cleanup, init_distributed, is_main,
                                 seed_everything, wrap_ddp)
 from common.engine import build_scheduler, save_checkpoint, train_detector
-from common.evaluation import predict, voc_evaluate
+from common.evaluation import evaluation_metric, predict, voc_evaluate
 
 EXPERIMENTS = ("detection", "classification", "probes", "head-probes", "features", "visualisation", "removal")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation (torchvision's)
@@ -151,7 +153,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("system")
     g.add_argument("--net", action="append", default=[], metavar="NAME=PATH[:KIND]",
-                   help="a pre-trained network (repeat, two or more): PATH a checkpoint or 'torchvision', "
+                   help="a pre-trained network (repeat, two or more): PATH a checkpoint, 'torchvision' "
+                        "(IMAGENET1K_V1) or 'torchvision:IMAGENET1K_V2', "
                         "KIND cls, det or auto (from its keys)")
     g.add_argument("--backbone", default="resnet101", help="ResNet of every network (paper: ResNet-101)")
     g.add_argument("--arch", default="faster_rcnn_fpn", choices=("faster_rcnn_fpn", "faster_rcnn_c4"))
@@ -214,9 +217,9 @@ def load_net(spec: str, backbone: str) -> Net:
     """One network of the comparison: its ResNet backbone through `load_weights`, whatever it came
     from; a detector keeps its full state dict too."""
     name, source, kind = parse_net(spec)
-    model = build_classifier(backbone, 1000, pretrained="torchvision" if source == "torchvision" else None)
+    model = build_classifier(backbone, 1000, pretrained=source if is_torchvision(source) else None)
     raw = None
-    if source != "torchvision":
+    if not is_torchvision(source):
         raw = read_state_dict(source)
         report = load_weights(model, raw, verbose=is_main())
         left = [k for k in report.missing + [k for k, _ in report.skipped] if not k.startswith("fc.")]
@@ -538,7 +541,8 @@ def finetune_detection(args, env, net: Net, out: Path) -> dict:
                    args=args, amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out),
                    desc=f"detection {net.name}")
     predictions, targets = predict(model, test_loader, env.device)
-    curve = ap_vs_iou(predictions, targets, sorted(set(args.iou_thresholds) | {0.5, 0.7}))
+    use_07 = evaluation_metric(args.det_test_data or args.det_data) == "voc07"  # VOC2007: 11-point (SNIPER)
+    curve = ap_vs_iou(predictions, targets, sorted(set(args.iou_thresholds) | {0.5, 0.7}), use_07)
     names = list(test_set.classes)
     res = {"net": net.name, "mAP": {f"{t:g}": m["mAP"] for t, m in curve.items()},
            "AP": {f"{t:g}": {names[c - 1]: ap for c, ap in m["AP"].items()} for t, m in curve.items()}}

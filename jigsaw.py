@@ -59,6 +59,9 @@ CHOICE: the from-scratch baseline (Tab. 5) swaps the ResNet's BN for GroupNorm (
     schedule's (9/13 and 12/13 of training) stretched to its budget.
 NOTE: --arch mask_rcnn needs instance masks in the targets: the built-in synthetic data has them,
     common.data's COCO loader reads them (polygons and RLE); VOC has none (the run stops there).
+CHOICE: a VOC validation set is scored as Detectron2's PascalVOCDetectionEvaluator does (devkit AP,
+    difficult objects ignored, the 11-point metric on VOC2007, AP the mean over IoU 0.50:0.95;
+    `common.evaluation`), COCO by COCOeval.
 CHOICE: equal compute (Table 5, "GPU days"): the from-scratch run gets as many detector
     iterations as fit in the compute time of Jigsaw pre-training + fine-tuning (`--scratch-budget-s`;
     the demo passes what it measured), timed by `compute_seconds`: GPU wall-clock on CUDA, the
@@ -104,7 +107,7 @@ from common import distributed as cdist
 from common import engine
 from common.synthetic import export_coco
 from common.detectors import build_classifier, build_detector
-from common.evaluation import evaluate_detector
+from common.evaluation import evaluate_detector, evaluation_metric
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Sec. 4.1, ImageNet normalisation
 
@@ -726,7 +729,7 @@ def finetune(args, env, scratch: bool = False) -> dict:
                           resume=out / "checkpoint.pth" if args.resume else None, log_every=args.log_every,
                           desc=name)
     train_s = compute_seconds(env.device) - t0
-    metrics = evaluate_detector(cdist.unwrap(model), val_loader, env.device)
+    metrics = evaluate_detector(cdist.unwrap(model), val_loader, env.device, metric=evaluation_metric(args.data))
     metrics.update(train_compute_s=train_s, epochs=epochs, iterations=epochs * iters_per_epoch)
     if cdist.is_main():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -56,6 +56,9 @@ CHOICE: Table 2.7's "before NMS" predictions are every candidate that enters the
   confidence are pooled over the whole evaluation set; a prediction's IoU is its best IoU with a
   ground truth of its predicted class (0 when none).
 CHOICE: LR warm-up of 500 iterations from 1/3 (Detectron's RetinaNet; the paper is silent).
+CHOICE: a VOC validation set is scored as Detectron2's PascalVOCDetectionEvaluator does (devkit AP,
+  difficult objects ignored, the 11-point metric on VOC2007, AP the mean over IoU 0.50:0.95;
+  `common.evaluation`), COCO by COCOeval; APs / APm / APl exist on COCO only.
 DEVIATION: none in the method. The CPU demo trains from scratch (no ImageNet weights offline) on
   64 px synthetic scenes for 400 iterations with LR 0.01 and gradient clipping at 10 (LR 0.02
   without clipping diverged for the baseline); its numbers show the pipeline, not the paper's gains
@@ -96,7 +99,7 @@ from common.data import build_detection_dataset, build_loader, detection_transfo
 from common.detectors import build_detector
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import build_scheduler, train_detector
-from common.evaluation import coco_evaluate, coco_precision, predict
+from common.evaluation import coco_precision, evaluate_predictions, evaluation_metric, predict
 
 EPS = 1e-3  # f(x) = 1 / (1 - x) is evaluated at x <= 1 - EPS (CHOICE above)
 AR_IOUS = torch.linspace(0.5, 0.95, 10)  # COCO's AR thresholds
@@ -145,7 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--data", default="synthetic", help="'synthetic', a COCO root or VOC root(s)")
     system.add_argument("--train-split", default="train2017")
     system.add_argument("--val-split", default="val2017")
-    system.add_argument("--pretrained", default=None, help="'torchvision' (ImageNet backbone) or a checkpoint path")
+    system.add_argument("--pretrained", default=None,
+                        help="'torchvision' (ImageNet IMAGENET1K_V1 backbone), 'torchvision:IMAGENET1K_V2' or a path")
     system.add_argument("--norm", default="frozen_bn", help="backbone norm: frozen_bn / bn / syncbn / gn")
     system.add_argument("--trainable-layers", type=int, default=3, help="torchvision's count (3: stem, res2 frozen)")
     system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="base anchor size per level")
@@ -506,13 +510,14 @@ def plot_pr_curves(runs: dict, path: Path) -> None:
 
 
 def evaluate(args, env, model, val_set) -> dict:
-    """COCO AP; Table 2.7 before / after NMS; Fig. 2.2 curves; Faster R-CNN: proposal AR (Table 2.5)."""
+    """AP (COCOeval; on VOC, Detectron2's VOC AP set); Table 2.7 before / after NMS; Fig. 2.2 curves;
+    Faster R-CNN: proposal AR (Table 2.5)."""
     model.to(env.device).eval()
     loader = build_loader(val_set, max(1, args.batch_size // env.world_size), train=False, workers=args.workers)
     predictions, targets = predict(model, loader, env.device)
     with without_nms(model):
         candidates, _ = predict(model, loader, env.device, desc="eval before NMS")
-    results = {"metrics": coco_evaluate(predictions, targets),
+    results = {"metrics": evaluate_predictions(predictions, targets, evaluation_metric(args.data)),
                "table2_7": {"before_nms": confidence_iou_stats(candidates, targets, args.top_fraction),
                             "after_nms": confidence_iou_stats(predictions, targets, args.top_fraction)},
                "pr_curves": pr_curves(predictions, targets)}
@@ -557,7 +562,8 @@ def print_tables(results: dict) -> None:
     print(f"\n{'method':<16}{'AP':>7}{'AP50':>7}{'AP75':>7}{'APs':>7}{'APm':>7}{'APl':>7}   (%, Table 2.2 / 2.3 style)")
     for name, r in results.items():
         m = r["metrics"]
-        print(f"{name:<16}" + "".join(f"{100 * m[k]:>7.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+        print(f"{name:<16}" + "".join(f"{100 * m[k]:>7.1f}" if k in m else f"{'-':>7}"  # no APs/m/l on VOC
+                                      for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     print(f"\n{'Table 2.7':<16}{'before NMS: conf':>17}{'IoU':>7}{'r':>8}{'after NMS: conf':>17}{'IoU':>7}{'r':>8}")
     for name, r in results.items():
         b, a = r["table2_7"]["before_nms"], r["table2_7"]["after_nms"]

@@ -36,7 +36,10 @@ CHOICE (the paper is silent):
   constraints (Tab. 5(c)); `--proposals-kind whole` uses the whole image as the only box (K = 1,
   Tab. 4 row 1).
 - Fine-tuning (Sec. 4.2) uses detectron2's scales (COCO short side 640-800, VOC 480-800, max 1333,
-  test 800), SGD momentum 0.9, warm-up from 0.001 over 1000 iterations (COCO) / 100 (VOC).
+  test 800), SGD momentum 0.9, warm-up from 0.001 over 1000 iterations (COCO) / 100 (VOC), and
+  detectron2's evaluators: COCOeval on COCO, PascalVOCDetectionEvaluator on VOC test2007 (devkit
+  AP, difficult objects ignored, the 11-point metric, AP the mean over IoU 0.50:0.95;
+  `common.evaluation.evaluation_metric` picks it from --det-data).
 - Level thresholds scale with `--view-size` / 224 (V1's side; one set of thresholds for every
   view, so V3's boxes still drop a level), as does the blur kernel (23 px at 224, BYOL): a
   small-view run (the demo's 112 px) keeps the paper's relative assignment.
@@ -82,7 +85,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import math
 import os
 import time
@@ -111,7 +113,8 @@ from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import JsonlLogger, build_scheduler, save_checkpoint, train_detector
-from common.evaluation import evaluate_detector
+from common.evaluation import evaluate_detector, evaluation_metric
+from common.table import RaggedTable
 
 STAGES = ("pretrain", "proposals", "finetune")
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
@@ -458,8 +461,8 @@ def _init_proposal_worker(args) -> None:
 
 
 def _proposal_shard(task) -> int:
-    """Proposals of images [start, end) into shard file `path` (written whole, then renamed)."""
-    start, end, path = task
+    """Proposals of images [start, end) into shard `index` of `table` (written whole, then renamed)."""
+    table, index, start, end = task
     source, args = _WORKER["source"], _WORKER["args"]
     boxes, counts, sizes = [], [], []
     for i in range(start, end):
@@ -470,85 +473,38 @@ def _proposal_shard(task) -> int:
         boxes.append(kept)
         counts.append(len(kept))
         sizes.append((h, w))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, boxes=np.concatenate(boxes), counts=np.asarray(counts, np.int64), sizes=np.asarray(sizes, np.int32))
-    os.replace(tmp, path)
+    table.write_shard(index, counts, boxes=np.concatenate(boxes), sizes=np.asarray(sizes, np.int32))
     return end - start
 
 
-class ProposalTable:
-    """The final boxes of every image as flat memory-mapped arrays: boxes.npy (M, 4) uint16 in original
-    image pixels, offsets.npy (N + 1,) int64, sizes.npy (N, 2) int32 (h, w). Opening costs
-    milliseconds; DataLoader workers share the pages instead of copying per-image Python objects."""
-
-    FILES = ("boxes.npy", "offsets.npy", "sizes.npy", "meta.json")
-
-    def __init__(self, root):
-        self.root = Path(root)
-        if not (self.root / "meta.json").is_file():
-            raise FileNotFoundError(f"no proposal table at {self.root} (meta.json missing). Run "
-                                    f"`python soco.py proposals --data ... --proposals {self.root}` first")
-        self.meta = json.loads((self.root / "meta.json").read_text())
-        self.boxes = np.load(self.root / "boxes.npy", mmap_mode="r")
-        self.offsets = np.load(self.root / "offsets.npy", mmap_mode="r")
-        self.sizes = np.load(self.root / "sizes.npy", mmap_mode="r")
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return np.asarray(self.boxes[self.offsets[i]:self.offsets[i + 1]], np.float32)
-
-    def image_size(self, i: int) -> tuple[int, int]:
-        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
-
-    @staticmethod
-    def write(root, boxes_per_image: list, sizes, meta: dict) -> None:
-        """Write a table from per-image (n_i, 4) arrays; meta.json last, so a table is complete or absent."""
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        counts = np.array([len(b) for b in boxes_per_image], np.int64)
-        arrays = {"boxes.npy": np.concatenate(boxes_per_image).astype(np.uint16).reshape(-1, 4),
-                  "offsets.npy": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                  "sizes.npy": np.asarray(sizes, np.int32).reshape(-1, 2)}
-        ProposalTable._write_arrays(root, arrays, meta)
-
-    @staticmethod
-    def _write_arrays(root: Path, arrays: dict, meta: dict) -> None:
-        (root / "meta.json").unlink(missing_ok=True)
-        for name, arr in arrays.items():
-            tmp = root / f".{name}.tmp"
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr)
-            os.replace(tmp, root / name)
-        meta = dict(meta, num_images=len(arrays["offsets.npy"]) - 1, num_boxes=len(arrays["boxes.npy"]))
-        (root / ".meta.json.tmp").write_text(json.dumps(meta, indent=1))
-        os.replace(root / ".meta.json.tmp", root / "meta.json")
+def proposal_table(root) -> RaggedTable:
+    """The final boxes of every image as a `common.table.RaggedTable` under `root`: boxes (M, 4)
+    uint16 in original image pixels, sizes (N, 2) int32 (h, w); shards/<index>.npz while it is made.
+    Opening costs milliseconds; DataLoader workers share the memory-mapped pages instead of copying
+    per-image Python objects, and the table pickles without its arrays."""
+    return RaggedTable(root, rows=("boxes",), images=("sizes",), what="proposal table",
+                       hint=f"run `python soco.py proposals --data ... --proposals {root}` first")
 
 
-def stage_proposals(args) -> ProposalTable:
+def stage_proposals(args) -> RaggedTable:
     """Selective search over every image, sharded and resumable; then one flat table."""
-    root = Path(args.proposals)
+    table = proposal_table(args.proposals)
     source = build_image_source(args)
     fingerprint = source_fingerprint(source)
-    if (root / "meta.json").is_file():
-        table = ProposalTable(root)
+    if table.complete:
         if table.meta.get("source") == fingerprint:
-            print(f"proposal table {root} is complete ({len(table)} images, {table.meta['num_boxes']} boxes)")
+            print(f"proposal table {table.root} is complete ({len(table)} images, {table.meta['num_boxes']} boxes)")
             return table
-        raise ValueError(f"{root} holds proposals of another image set ({table.meta.get('source')} != "
+        raise ValueError(f"{table.root} holds proposals of another image set ({table.meta.get('source')} != "
                          f"{fingerprint}); choose another --proposals folder")
-    shard_dir = root / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
     n, size = len(source), args.shard_size
-    tasks = [(s, min(s + size, n), shard_dir / f"{s // size:06d}.npz") for s in range(0, n, size)]
-    todo = [t for t in tasks if not t[2].is_file()]
-    done_images = n - sum(e - s for s, e, _ in todo)
+    tasks = [(table, k, s, min(s + size, n)) for k, s in enumerate(range(0, n, size))]
+    todo = [t for t in tasks if not table.shard_path(t[1]).is_file()]
+    computed = sum(e - s for _, _, s, e in todo)
     print(f"selective search ({args.ss_mode}) on {n} images, {len(tasks)} shards ({len(tasks) - len(todo)} done), "
           f"{args.ss_workers} processes")
     t0 = time.perf_counter()
-    with tqdm(total=n, initial=done_images, desc="proposals", unit="img") as bar:
+    with tqdm(total=n, initial=n - computed, desc="proposals", unit="img") as bar:
         if args.ss_workers <= 1:
             _init_proposal_worker(args)
             for t in todo:
@@ -558,24 +514,11 @@ def stage_proposals(args) -> ProposalTable:
                 for k in pool.imap_unordered(_proposal_shard, todo):
                     bar.update(k)
     elapsed = time.perf_counter() - t0
-    boxes, counts, sizes = [], [], []
-    for _, _, path in tasks:
-        with np.load(path) as z:
-            boxes.append(z["boxes"]), counts.append(z["counts"]), sizes.append(z["sizes"])
-    counts = np.concatenate(counts)
-    arrays = {"boxes.npy": np.concatenate(boxes).reshape(-1, 4),
-              "offsets.npy": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-              "sizes.npy": np.concatenate(sizes)}
-    computed = sum(e - s for s, e, _ in todo)
     meta = {"source": fingerprint, "ss_mode": args.ss_mode, "ss_max_side": args.ss_max_side,
             "min_box_side": args.min_box_side,
             "images_per_s_per_process": round(computed / elapsed / max(1, args.ss_workers), 3) if computed else None}
-    ProposalTable._write_arrays(root, arrays, meta)
-    for _, _, path in tasks:
-        path.unlink()
-    shard_dir.rmdir()
-    table = ProposalTable(root)
-    print(f"wrote {root}: {len(table)} images, {table.meta['num_boxes']} boxes "
+    table.merge_shards(len(tasks), meta)  # then the shards are deleted
+    print(f"wrote {table.root}: {len(table)} images, {table.meta['num_boxes']} boxes "
           f"({table.meta['num_boxes'] / len(table):.1f} per image)")
     return table
 
@@ -613,7 +556,7 @@ class SoCoViews(Dataset):
     a crop of V1 resized to v4-size. Randomness comes from torch's generator, which
     `common.data.SeededDataset` seeds per (seed, epoch, index)."""
 
-    def __init__(self, source, proposals: ProposalTable | None, args):
+    def __init__(self, source, proposals: RaggedTable | None, args):
         if proposals is not None and len(proposals) != len(source):
             raise ValueError(f"the proposal table has {len(proposals)} images, the data {len(source)}")
         self.source, self.proposals, self.a = source, proposals, args
@@ -634,8 +577,8 @@ class SoCoViews(Dataset):
             return np.array([[0, 0, width, height]], np.float32)
         if kind == "random":
             return random_proposals(width, height, self.k)
-        boxes = self.proposals[i]
-        ph, pw = self.proposals.image_size(i)
+        boxes = self.proposals[i]["boxes"].astype(np.float32)
+        ph, pw = (int(v) for v in self.proposals.arrays["sizes"][i])
         if (ph, pw) != (height, width):  # table made at another resolution of the same image
             boxes = boxes * np.array([width / pw, height / ph, width / pw, height / ph], np.float32)
         return boxes
@@ -741,7 +684,7 @@ def stage_pretrain(args, env) -> Path:
     out = Path(args.out)
     seed_everything(args.seed)  # same initial weights on every rank
     source = build_image_source(args)
-    table = ProposalTable(args.proposals) if args.proposals_kind == "selective_search" else None
+    table = proposal_table(args.proposals) if args.proposals_kind == "selective_search" else None
     if table is not None and table.meta.get("source") != source_fingerprint(source):
         raise ValueError(f"proposal table {args.proposals} was made for {table.meta.get('source')}, "
                          f"not for --data {args.data} ({source_fingerprint(source)})")
@@ -827,7 +770,7 @@ def stage_finetune(args, env) -> dict:
                    checkpoint_every=args.checkpoint_every, resume=resume_path(args), log_every=args.log_every,
                    max_steps=iters, desc="finetune")
     test_loader = build_loader(test_set, 2, train=False, workers=args.workers)
-    metrics = evaluate_detector(model, test_loader, env.device, voc=voc)
+    metrics = evaluate_detector(model, test_loader, env.device, metric=evaluation_metric(test_data))
     if is_main():
         JsonlLogger(out / "metrics.jsonl").log(eval=True, **metrics)
         print("  ".join(f"{k} {100 * metrics[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",

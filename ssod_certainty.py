@@ -57,6 +57,9 @@ CHOICE: Fig. 3.3's "localisation precision of pseudo boxes" is measured as the t
   0.5 ... 0.95 on the unlabelled images against their held-out ground truth.
 CHOICE: detections are ranked, NMS'd and cut at `--test-score-thresh` (0.05 or 0.001, Table 3.2) by
   p * v; `scores` holds p * v, `class_scores` p and `quality` v.
+CHOICE: VOC07 test is scored as Detectron2's PascalVOCDetectionEvaluator does (devkit AP, difficult
+  objects ignored, the 11-point metric, AP the mean over IoU 0.50:0.95; `common.evaluation`): the
+  thesis does not name its VOC metric. COCO by COCOeval.
 CHOICE: `--no-certainty-aware` swaps in torchvision's class-specific regression head (p alone ranks
   boxes and selects pseudo labels); with `--no-reweight --no-dynamic-threshold` as well, the student
   is plain pseudo-labelling with threshold tau on p (Table 3.4's first row).
@@ -98,7 +101,7 @@ from common.detectors import build_detector
 from common.distributed import (all_gather_object, barrier, cleanup, get_world_size, init_distributed, is_main,
                                 seed_everything, wrap_ddp)
 from common.engine import build_scheduler, load_checkpoint, train_detector
-from common.evaluation import coco_evaluate, predict
+from common.evaluation import evaluate_predictions, evaluation_metric, predict
 
 IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]  # Fig. 3.2: 0.5, 0.55, ..., 0.95
 
@@ -158,7 +161,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="RPN proposals kept per image, training and test (Detectron2: 1000)")
     system.add_argument("--roi-batch", type=int, default=512, help="RoIs sampled per image (Detectron2: 512)")
     system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="FPN anchor sizes (torchvision's)")
-    system.add_argument("--pretrained", default=None, help="'torchvision' or a checkpoint path")
+    system.add_argument("--pretrained", default=None,
+                        help="'torchvision' (ImageNet IMAGENET1K_V1), 'torchvision:IMAGENET1K_V2' or a checkpoint path")
     system.add_argument("--teacher", default=None, help="checkpoint of a trained teacher: skip its training")
     system.add_argument("--output-dir", default="runs/ssod_certainty")
     system.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
@@ -610,17 +614,18 @@ def only_classes(predictions, targets, labels):
 
     def select(d):
         m = torch.isin(torch.as_tensor(d["labels"]), keep)
-        return {k: d[k][m] for k in ("boxes", "labels", "scores") if k in d}
+        return {k: d[k][m] for k in ("boxes", "labels", "scores", "difficult", "iscrowd", "area") if k in d}
     return [select(p) for p in predictions], [select(t) for t in targets]
 
 
-def evaluate(args, env, model, dataset, rare: list[int]) -> dict:
-    """COCO AP, AP50, AP75, AP@t for t in 0.5 ... 0.95, and AP over the rarest classes."""
+def evaluate(args, env, model, dataset, rare: list[int], metric: str = "coco") -> dict:
+    """AP, AP50, AP75, AP@t for t in 0.5 ... 0.95, and AP over the rarest classes, by `metric`
+    (COCOeval; "voc07" / "voc": Detectron2's VOC AP set, see common.evaluation)."""
     model.to(env.device).eval()
     loader = build_loader(dataset, max(1, args.batch_size // env.world_size), train=False, workers=args.workers)
     predictions, targets = predict(model, loader, env.device)
-    metrics = coco_evaluate(predictions, targets, IOU_THRESHOLDS)
-    metrics["AP_rare"] = coco_evaluate(*only_classes(predictions, targets, rare))["AP"]
+    metrics = evaluate_predictions(predictions, targets, metric, IOU_THRESHOLDS)
+    metrics["AP_rare"] = evaluate_predictions(*only_classes(predictions, targets, rare), metric)["AP"]
     return metrics
 
 
@@ -637,8 +642,8 @@ class HeldOut(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image, target = self.unlabeled[i]
         ann = self.unlabeled.annotations(i)
-        return self.to_float(image), {"boxes": torch.as_tensor(ann["boxes"]), "labels": torch.as_tensor(ann["labels"]),
-                                      "image_id": target["image_id"]}
+        truth = {k: torch.as_tensor(ann[k]) for k in ("boxes", "labels", "difficult") if k in ann}
+        return self.to_float(image), dict(truth, image_id=target["image_id"])
 
 
 def plot_ap_vs_iou(curves: dict, path: Path, title: str) -> None:
@@ -671,11 +676,13 @@ def run(args, env) -> dict:
     rare = rarest_classes(labeled, args.num_rare)
     t0 = time.time()
     teacher = train_teacher(args, env, num_classes, labeled, out / "teacher")
-    results = {"rare_labels": rare, "teacher": evaluate(args, env, teacher, val_set, rare)}
+    metric = evaluation_metric(args.data)
+    results = {"rare_labels": rare, "teacher": evaluate(args, env, teacher, val_set, rare, metric)}
     if args.heldout_images > 0:  # the teacher against the unlabelled images' withheld truth
-        results["teacher_heldout"] = evaluate(args, env, teacher, HeldOut(unlabeled, args.heldout_images), rare)
+        results["teacher_heldout"] = evaluate(args, env, teacher, HeldOut(unlabeled, args.heldout_images), rare,
+                                              evaluation_metric(args.unlabeled_data or args.data))
     student, class_stats = train_student(args, env, teacher, labeled, unlabeled, out / "student")
-    results["student"] = evaluate(args, env, student, val_set, rare)
+    results["student"] = evaluate(args, env, student, val_set, rare, metric)
     tau_m, mu_m = class_thresholds(class_stats, args)
     results["class_stats"] = {"counts": class_stats.counts.tolist(), "score_sums": class_stats.score_sums.tolist(),
                               "tau_m": tau_m.tolist(), "mu_m": mu_m.tolist()}

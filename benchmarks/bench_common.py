@@ -4,6 +4,9 @@
    usual way (JSON-style dicts, `loadRes`, `summarize`) on a synthetic set of N images.
 2. Data-loading throughput (images/s) of the synthetic and the COCO-format loaders with N workers.
 
+`table_read_by_workers` (used by bench_dap.py and bench_soco.py): a memory-mapped
+`common.table.RaggedTable`, or a dataset over one, read by W DataLoader workers at once.
+
     python benchmarks/bench_common.py --images 5000 --workers 0 2 4
 """
 import argparse
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.data import build_detection_dataset, build_loader, detection_transforms  # noqa: E402
@@ -72,6 +76,53 @@ def throughput(dataset, workers, batch, seconds_cap=20.0, max_batches=60):
         if k + 1 >= max_batches or time.perf_counter() - t0 > seconds_cap:
             break
     return n / (time.perf_counter() - t0)
+
+
+def memory_kb() -> tuple[int, int]:
+    """(RSS, private pages) of this process in KiB, from /proc/self/smaps_rollup (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    kb = {k: int(v.split()[0]) for k, v in fields.items()}
+    return kb["Rss"], kb["Private_Clean"] + kb["Private_Dirty"]
+
+
+class _TableReader(Dataset):
+    """Item w, read in worker w: item 0 of `dataset` (the table's memory maps open on first use in
+    each worker), then `reads` random items; (first-item s, reads s, RSS KiB, private KiB added)."""
+
+    def __init__(self, dataset, reads: int):
+        self.dataset, self.reads = dataset, reads
+
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, w):
+        _, private0 = memory_kb()
+        t = time.perf_counter()
+        self.dataset[0]
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        for k in np.random.default_rng(w).integers(0, len(self.dataset), self.reads):
+            self.dataset[int(k)]
+        reads = time.perf_counter() - t
+        rss, private = memory_kb()
+        return first, reads, rss, private - private0
+
+
+def table_read_by_workers(dataset, workers: int, reads: int) -> dict:
+    """`workers` DataLoader workers, each reading `reads` random items of `dataset` (a memory-mapped
+    table or a dataset over one; it reaches them pickled under spawn, forked otherwise). Returns
+    items/s of all workers together, the slowest first item (the open) in ms, the largest worker
+    RSS and private pages added by reading in MiB (the table itself stays shared page cache), and
+    the wall-clock seconds."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores
+    loader = DataLoader(_TableReader(dataset, reads), batch_size=None, num_workers=workers, sampler=range(workers))
+    t = time.perf_counter()
+    first, secs, rss, private = zip(*loader)
+    return {"items_per_s": sum(reads / s for s in secs), "first_item_ms": 1e3 * max(first),
+            "worker_rss_mib": max(rss) / 1024, "private_mib": max(private) / 1024,
+            "wall_s": time.perf_counter() - t}
 
 
 def main():

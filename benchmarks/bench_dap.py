@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dap  # noqa: E402
+from benchmarks.bench_common import memory_kb, table_read_by_workers  # noqa: E402
 from common.synthetic import SyntheticDetection  # noqa: E402
 from common.detectors import build_classifier  # noqa: E402
 from common.distributed import init_distributed  # noqa: E402
@@ -64,13 +65,6 @@ def bench_extraction(n: int, grid=(18, 24)) -> None:
           f"of {n}, {1e3 * single:.3f} ms one at a time; {len(boxes) / n:.2f} boxes per CAM")
 
 
-def _memory_kb() -> tuple[int, int]:
-    """(RSS, private pages) of this process in KiB."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
-    kb = {k: int(v.split()[0]) for k, v in fields.items()}
-    return kb["Rss"], kb["Private_Clean"] + kb["Private_Dirty"]
-
-
 class _TinyImages(Dataset):
     """Stands in for ImageNet: a constant 8x8 image, so only the table's cost is measured."""
 
@@ -84,56 +78,33 @@ class _TinyImages(Dataset):
         return self.image, 0
 
 
-class _Probe(Dataset):
-    """Reads `reads` random items of the pseudo-box dataset per call; reports the worker's memory."""
-
-    def __init__(self, ds, reads):
-        self.ds, self.reads = ds, reads
-
-    def __len__(self):
-        return 1 << 30
-
-    def __getitem__(self, i):
-        rss0, priv0 = _memory_kb()
-        rng = np.random.default_rng(i)
-        t = time.perf_counter()
-        boxes = sum(len(self.ds[int(k)][1]["boxes"]) for k in rng.integers(0, len(self.ds), self.reads))
-        rss1, priv1 = _memory_kb()
-        return time.perf_counter() - t, boxes, rss1, priv1 - priv0
-
-
 def bench_table(images: int, boxes: int, workers: int, reads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         counts = rng.multinomial(boxes - images, np.full(images, 1 / images)) + 1  # >= 1 box per image
         xy = rng.uniform(0, 300, (boxes, 2)).astype(np.float32)
-        table = {"boxes": np.concatenate([xy, xy + rng.uniform(10, 200, (boxes, 2)).astype(np.float32)], 1),
-                 "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                 "image_ids": np.arange(images, dtype=np.int64),
-                 "image_labels": rng.integers(0, 1000, images).astype(np.int64),
-                 "sizes": np.full((images, 2), 500, np.int32)}
-        table["labels"] = np.repeat(table["image_labels"] + 1, counts)
+        image_labels = rng.integers(0, 1000, images).astype(np.int64)
         t = time.perf_counter()
-        dap.write_table(tmp, table, {"classes": [str(c) for c in range(1000)]})
+        dap.pseudo_box_table(tmp).write(
+            counts, {"classes": [str(c) for c in range(1000)]},
+            boxes=np.concatenate([xy, xy + rng.uniform(10, 200, (boxes, 2)).astype(np.float32)], 1),
+            labels=np.repeat(image_labels + 1, counts), image_ids=np.arange(images, dtype=np.int64),
+            image_labels=image_labels, sizes=np.full((images, 2), 500, np.int32))
         size = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
         print(f"pseudo-box table: {images} images, {boxes} boxes, {size:.0f} MiB on disk "
               f"(written in {time.perf_counter() - t:.1f}s)")
-        del table, xy
-        rss_before, _ = _memory_kb()
+        del xy, image_labels
+        rss_before, _ = memory_kb()
         t = time.perf_counter()
         ds = dap.PseudoBoxDataset(tmp, _TinyImages(images))
         ds[0]
         print(f"  open (PseudoBoxDataset + first item): {1e3 * (time.perf_counter() - t):.1f} ms; main process RSS "
-              f"+{(_memory_kb()[0] - rss_before) / 1024:.1f} MiB")
-        loader = DataLoader(_Probe(ds, reads), batch_size=None, num_workers=workers, sampler=range(workers))
-        t = time.perf_counter()
-        results = list(loader)
-        wall = time.perf_counter() - t
-        secs, _, rss, priv = zip(*results)
-        print(f"  {workers} workers x {reads} random items: {sum(reads / s for s in secs):.0f} items/s together; "
-              f"worker RSS max {max(rss) / 1024:.0f} MiB (torch and the shared pages of the table included), private "
-              f"pages added by reading max {max(priv) / 1024:.1f} MiB per worker; main process RSS "
-              f"+{(_memory_kb()[0] - rss_before) / 1024:.1f} MiB since before the open; wall {wall:.1f}s")
+              f"+{(memory_kb()[0] - rss_before) / 1024:.1f} MiB")
+        r = table_read_by_workers(ds, workers, reads)
+        print(f"  {workers} workers x {reads} random items: {r['items_per_s']:.0f} items/s together; "
+              f"worker RSS max {r['worker_rss_mib']:.0f} MiB (torch and the shared pages of the table included), "
+              f"private pages added by reading max {r['private_mib']:.1f} MiB per worker; main process RSS "
+              f"+{(memory_kb()[0] - rss_before) / 1024:.1f} MiB since before the open; wall {r['wall_s']:.1f}s")
 
 
 def main():

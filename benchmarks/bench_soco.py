@@ -15,15 +15,14 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import soco  # noqa: E402
+from benchmarks.bench_common import table_read_by_workers  # noqa: E402
 from common.synthetic import SyntheticDetection  # noqa: E402
 from common.distributed import init_distributed  # noqa: E402
 
@@ -42,31 +41,6 @@ def bench_selective_search(sides, n: int = 8) -> None:
               f"{n / dc:.2f} per CPU-second ({np.mean([len(b) for b in boxes]):.0f} raw boxes per image)")
 
 
-def _private_kb() -> int:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
-    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
-
-
-class _Reader(Dataset):
-    """Each item: open the table lazily (once per worker), read `reads` random images, report memory."""
-
-    def __init__(self, root, reads):
-        self.root, self.reads, self.table = root, reads, None
-
-    def __len__(self):
-        return 1 << 30
-
-    def __getitem__(self, i):
-        before = _private_kb()
-        t = time.perf_counter()
-        table = soco.ProposalTable(self.root)
-        t_open = time.perf_counter() - t
-        rng = np.random.default_rng(i)
-        t = time.perf_counter()
-        n = sum(len(table[int(j)]) for j in rng.integers(0, len(table), self.reads))
-        return t_open, time.perf_counter() - t, n, _private_kb() - before
-
-
 def bench_table(images: int, boxes_per_image: int, workers: int, reads: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -74,25 +48,16 @@ def bench_table(images: int, boxes_per_image: int, workers: int, reads: int) -> 
         counts = rng.poisson(boxes_per_image, images).clip(1, None)
         total = int(counts.sum())
         t = time.perf_counter()
-        boxes = rng.integers(0, 500, (total, 4), dtype=np.uint16)
-        arrays = {"boxes.npy": boxes, "offsets.npy": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                  "sizes.npy": np.full((images, 2), 500, np.int32)}
-        soco.ProposalTable._write_arrays(root, arrays, {"source": "simulated"})
-        del boxes, arrays
+        soco.proposal_table(root).write(counts, {"source": "simulated"},
+                                        boxes=rng.integers(0, 500, (total, 4), dtype=np.uint16),
+                                        sizes=np.full((images, 2), 500, np.int32))
         print(f"proposal table: {images} images, {total} boxes, "
               f"{sum(f.stat().st_size for f in root.iterdir()) / 2**20:.0f} MiB on disk "
               f"(written in {time.perf_counter() - t:.1f}s)")
-        warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores
-        loader = DataLoader(_Reader(root, reads), batch_size=None, num_workers=workers,
-                            sampler=range(workers), persistent_workers=False)
-        t = time.perf_counter()
-        results = list(loader)
-        wall = time.perf_counter() - t
-        opens, read_times, n, mem = zip(*results)
-        print(f"  {workers} workers: open {1000 * max(opens):.1f} ms (slowest), {reads} random images each in "
-              f"{max(read_times):.2f}s ({sum(reads / r for r in read_times):.0f} images/s together); "
-              f"memory added per worker: max {max(mem) / 1024:.1f} MiB private (the table itself is shared "
-              f"page cache); wall {wall:.1f}s")
+        r = table_read_by_workers(soco.proposal_table(root), workers, reads)
+        print(f"  {workers} workers: open + first image {r['first_item_ms']:.1f} ms (slowest), {reads} random images "
+              f"each ({r['items_per_s']:.0f} images/s together); memory added per worker: max "
+              f"{r['private_mib']:.1f} MiB private (the table itself is shared page cache); wall {r['wall_s']:.1f}s")
 
 
 def bench_pretrain(steps: int, batch: int, workers: int) -> None:

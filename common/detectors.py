@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv_resnet
+from torchvision.models import get_model_weights, resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -38,21 +38,44 @@ def norm_layer_for(norm: str):
     raise ValueError(f"unknown norm {norm!r}; choose frozen_bn, bn, syncbn or gn")
 
 
+def is_torchvision(pretrained) -> bool:
+    """Whether `pretrained` names torchvision's weights: "torchvision" or "torchvision:<NAME>"."""
+    return isinstance(pretrained, str) and (pretrained == "torchvision" or pretrained.startswith("torchvision:"))
+
+
+def torchvision_weights(backbone: str, pretrained):
+    """The member of torchvision's weights enum that `pretrained` names for `backbone` (None when it
+    names no torchvision weights). "torchvision" is IMAGENET1K_V1, the original ImageNet weights
+    (76.1% top-1 for ResNet-50) that every paper here used and torchvision's own detectors are
+    built on; torchvision's "DEFAULT" is IMAGENET1K_V2 for ResNet-50/101 (80.9%, a long augmented
+    recipe), so ask for it explicitly: "torchvision:IMAGENET1K_V2" (any member name of the enum)."""
+    if not is_torchvision(pretrained):
+        return None
+    enum = get_model_weights(backbone)
+    name = pretrained.partition(":")[2] or "IMAGENET1K_V1"
+    try:
+        return enum[name]
+    except KeyError:
+        raise ValueError(f"pretrained={pretrained!r}: {enum.__name__} has no weights {name!r}; choose one of "
+                         f"{[f'torchvision:{w.name}' for w in enum]}") from None
+
+
 def _resnet(backbone: str, norm: str, pretrained, num_classes: int = 1000) -> tv_resnet.ResNet:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
-    weights = "DEFAULT" if pretrained == "torchvision" else None  # from the user's torch hub cache
-    return getattr(tv_resnet, backbone)(weights=weights, norm_layer=norm_layer_for(norm), num_classes=num_classes)
+    weights = torchvision_weights(backbone, pretrained)  # from the user's torch hub cache
+    return getattr(tv_resnet, backbone)(weights=weights, norm_layer=norm_layer_for(norm),
+                                        num_classes=1000 if weights is not None else num_classes)
 
 
 def build_classifier(backbone: str = "resnet50", num_classes: int = 1000, norm: str = "bn",
                      pretrained=None) -> tv_resnet.ResNet:
-    """A torchvision ResNet classifier (keys conv1.*, layer1-4.*, fc.*)."""
-    model = _resnet(backbone, norm, pretrained if pretrained == "torchvision" else None,
-                    1000 if pretrained == "torchvision" else num_classes)
-    if pretrained == "torchvision" and num_classes != 1000:
+    """A torchvision ResNet classifier (keys conv1.*, layer1-4.*, fc.*). `pretrained`: None,
+    "torchvision" / "torchvision:<NAME>" (see `torchvision_weights`), or what `load_weights` takes."""
+    model = _resnet(backbone, norm, pretrained, num_classes)
+    if is_torchvision(pretrained) and num_classes != model.fc.out_features:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
-    if pretrained not in (None, "torchvision"):
+    if pretrained is not None and not is_torchvision(pretrained):
         load_weights(model, pretrained)
     return model
 
@@ -93,13 +116,15 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
     """A torchvision detector for `num_classes` object classes (labels 1..C; background added).
 
     - `arch`: faster_rcnn_fpn, faster_rcnn_c4 (RoIAlign 14x14 on C4, res5 as the box head),
-      retinanet (P3-P7), mask_rcnn (FPN).
+      retinanet (P3-P5 from the FPN, P6 a stride-2 conv on C5, P7 on ReLU(P6): the paper and
+      Detectron2; torchvision's retinanet_resnet50_fpn takes P6 from P5), mask_rcnn (FPN).
     - `norm`: frozen_bn / bn / syncbn / gn in the ResNet; `trainable_layers`: as torchvision's
       (5 = everything trains, 3 = stem and res2 frozen, 0 = backbone frozen).
     - `box_head`: "2mlp" (torchvision's TwoMLPHead) or "4conv1fc" (4 conv 3x3 with BN + fc 1024).
     - `anchor_sizes`: base anchor size per pyramid level (defaults: torchvision's, 32..512); small
       synthetic images want smaller ones.
-    - `pretrained`: None, "torchvision" (ImageNet weights from the local hub cache), "timm:<name>"
+    - `pretrained`: None, "torchvision" (torchvision's IMAGENET1K_V1 ImageNet weights, from the local
+      hub cache), "torchvision:<NAME>" (another member of the weights enum, e.g. IMAGENET1K_V2), "timm:<name>"
       (timm's weights, e.g. "timm:resnet50.a1_in1k", from the local Hugging Face cache), or a path
       given to `load_weights` (any classifier/detector checkpoint; class-specific layers skipped).
     - Training images are resized by the data pipeline (`common.data.detection_transforms`), so the
@@ -109,7 +134,7 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown detector {arch!r}; choose one of {ARCHS}")
-    body = _resnet(backbone, norm, pretrained if pretrained == "torchvision" else None)
+    body = _resnet(backbone, norm, pretrained)
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         trainable.append("bn1")
@@ -128,9 +153,10 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
                            box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0), box_head=head,
                            box_predictor=FastRCNNPredictor(width, num_classes + 1), **common)
     else:
-        if arch == "retinanet":
-            feats = _resnet_fpn_extractor(body, trainable_layers, returned_layers=[2, 3, 4],
-                                          extra_blocks=LastLevelP6P7(256, 256))
+        if arch == "retinanet":  # P3-P5 from the FPN, P6 from C5 and P7 from P6 (RetinaNet paper, Detectron2)
+            extra = LastLevelP6P7(body.inplanes, 256)  # in_channels: C5's width (2048 / 512)
+            extra.use_P5 = False  # torchvision picks P5 when C5 has 256 channels; C5 always here
+            feats = _resnet_fpn_extractor(body, trainable_layers, returned_layers=[2, 3, 4], extra_blocks=extra)
         else:
             feats = _resnet_fpn_extractor(body, trainable_layers)
         if arch == "retinanet":
@@ -152,7 +178,7 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
                          **extra, **common)
     if norm == "syncbn" and get_world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if pretrained not in (None, "torchvision"):
+    if pretrained is not None and not is_torchvision(pretrained):
         load_weights(model, pretrained)
     return model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import redirect_stdout
 from io import StringIO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,12 +141,70 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = Fals
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    iw = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU (len(a), len(b)) of continuous x1 y1 x2 y2 boxes (VOC boxes are loaded as x1 - 1, y1 - 1:
+    this is the devkit's IoU with its +1 on widths and heights)."""
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
     inter = iw * ih
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
-    return inter / np.maximum(union, np.finfo(np.float64).eps)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, np.finfo(np.float64).eps)
+
+
+def _voc_matches(predictions, targets) -> dict:
+    """For each class with non-difficult ground truth: its detections in descending score order,
+    each with its best IoU over the ground truth of its class in its image (-inf: none there), the
+    index of that object (unique over the whole set), whether it is difficult, and the class's
+    number of non-difficult objects (`npos`). The devkit picks the best-overlapping object before
+    it compares with the threshold, so this is computed once for every threshold."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets: one dict per image each")
+    npos, per_image, seen = {}, [], 0
+    for p, t in zip(predictions, targets):
+        gb, gl = _np(t["boxes"]).reshape(-1, 4), _np(t["labels"], np.int64)
+        gd = _np(t.get("difficult", np.zeros(len(gl))), bool)
+        for c, n in zip(*np.unique(gl[~gd], return_counts=True)):
+            npos[int(c)] = npos.get(int(c), 0) + int(n)
+        pb, ps, pl = _np(p["boxes"]).reshape(-1, 4), _np(p["scores"]), _np(p["labels"], np.int64)
+        ious = _iou_matrix(pb, gb)
+        ious[pl[:, None] != gl[None, :]] = -np.inf  # only the objects of the detection's class
+        ious = np.concatenate([ious, np.full((len(pl), 1), -np.inf)], 1)  # a last column: "none"
+        best = ious.argmax(1)  # the first of equal overlaps, as the devkit's np.argmax
+        per_image.append((pl, ps, ious[np.arange(len(pl)), best], seen + best, np.append(gd, False)[best]))
+        seen += len(gl) + 1
+    if not per_image:
+        return {}
+    labels, scores, overlap, gt, difficult = (np.concatenate(x) for x in zip(*per_image))
+    out = {}
+    for c in sorted(npos):
+        m = np.flatnonzero(labels == c)
+        m = m[np.argsort(-scores[m], kind="stable")]
+        out[c] = {"overlap": overlap[m], "gt": gt[m], "difficult": difficult[m], "npos": npos[c]}
+    return out
+
+
+def _voc_class_aps(matches: dict, iou_threshold: float, use_07_metric: bool) -> dict:
+    """Devkit AP of every class of `_voc_matches` at one IoU threshold: a detection whose best
+    overlap exceeds the threshold (strictly) is a true positive if it is that object's first
+    (highest-scoring) detection and a false positive after; if that object is difficult it counts
+    as neither; at or below the threshold it is a false positive."""
+    aps = {}
+    for c, m in matches.items():
+        hit = m["overlap"] > iou_threshold
+        counted = np.flatnonzero(hit & ~m["difficult"])
+        tp = np.zeros(len(hit), bool)
+        tp[counted[np.unique(m["gt"][counted], return_index=True)[1]]] = True  # first hit of each object
+        fp = ~hit | (hit & ~m["difficult"] & ~tp)
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        aps[c] = voc_ap(tp / m["npos"], precision, use_07_metric) if len(hit) else 0.0
+    return aps
+
+
+def _voc_map(matches: dict, iou_threshold: float, use_07_metric: bool) -> float:
+    ap = _voc_class_aps(matches, iou_threshold, use_07_metric)
+    return float(np.mean(list(ap.values()))) if ap else 0.0
 
 
 def voc_evaluate(predictions, targets, iou_threshold: float = 0.5, use_07_metric: bool = False) -> dict:
@@ -154,56 +213,60 @@ def voc_evaluate(predictions, targets, iou_threshold: float = 0.5, use_07_metric
     A detection (in descending score order) is a true positive when its IoU with the best-overlapping
     ground truth of its class exceeds `iou_threshold` (strictly) and that ground truth is not yet
     matched; a second hit is a false positive; a best match that is difficult counts as neither."""
-    if len(predictions) != len(targets):
-        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets: one dict per image each")
-    gts = []
-    for t in targets:
-        lab = _np(t["labels"], np.int64)
-        diff = _np(t.get("difficult", np.zeros(len(lab))), bool)
-        gts.append((_np(t["boxes"]).reshape(-1, 4), lab, diff))
-    classes = sorted({int(c) for _, lab, diff in gts for c in lab[~diff]})
-    ap = {}
-    for c in classes:
-        npos = sum(int(((lab == c) & ~diff).sum()) for _, lab, diff in gts)
-        img_idx, scores, boxes = [], [], []
-        for i, p in enumerate(predictions):
-            pl = _np(p["labels"], np.int64)
-            m = pl == c
-            if m.any():
-                img_idx.append(np.full(int(m.sum()), i))
-                scores.append(_np(p["scores"])[m])
-                boxes.append(_np(p["boxes"]).reshape(-1, 4)[m])
-        if not scores:
-            ap[c] = 0.0
-            continue
-        img_idx, scores, boxes = np.concatenate(img_idx), np.concatenate(scores), np.concatenate(boxes)
-        order = np.argsort(-scores, kind="stable")
-        matched = {}
-        tp, fp = np.zeros(len(order)), np.zeros(len(order))
-        for d, j in enumerate(order):
-            gb, gl, gd = gts[img_idx[j]]
-            sel = np.flatnonzero(gl == c)
-            if len(sel) == 0:
-                fp[d] = 1
-                continue
-            ious = _iou_one_to_many(boxes[j], gb[sel])
-            k = int(np.argmax(ious))
-            if ious[k] > iou_threshold:
-                if gd[sel[k]]:
-                    continue  # matched a difficult object: neither TP nor FP
-                used = matched.setdefault(int(img_idx[j]), set())
-                if sel[k] in used:
-                    fp[d] = 1
-                else:
-                    used.add(sel[k])
-                    tp[d] = 1
-            else:
-                fp[d] = 1
-        tp, fp = np.cumsum(tp), np.cumsum(fp)
-        recall = tp / npos
-        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-        ap[c] = voc_ap(recall, precision, use_07_metric)
+    ap = _voc_class_aps(_voc_matches(predictions, targets), iou_threshold, use_07_metric)
     return {"mAP": float(np.mean(list(ap.values()))) if ap else 0.0, "AP": ap}
+
+
+VOC_IOUS = np.arange(50, 100, 5) / 100  # Detectron2's PascalVOCDetectionEvaluator: range(50, 100, 5)
+
+
+def _voc_summary(matches: dict, use_07_metric: bool, iou_thresholds=None) -> dict:
+    maps = [_voc_map(matches, float(t), use_07_metric) for t in VOC_IOUS]
+    out = {"AP": float(np.mean(maps)), "AP50": maps[0], "AP75": maps[5]}
+    for t in (float(t) for t in (iou_thresholds or [])):
+        out[f"AP@{t:g}"] = _voc_map(matches, t, use_07_metric)
+    return out
+
+
+def voc_summarize(predictions, targets, use_07_metric: bool = False, iou_thresholds=None) -> dict:
+    """VOC's AP set as Detectron2's `PascalVOCDetectionEvaluator` reports it: the devkit AP of
+    `voc_evaluate` (difficult objects neither true nor false positives), averaged over the classes,
+    at IoU 0.50, 0.55, ..., 0.95: "AP" is the mean of those ten, "AP50" and "AP75" two of them;
+    `AP@{t}` the same at each t of `iou_thresholds`. `use_07_metric`: the VOC2007 11-point metric
+    (Detectron2's choice when the set is VOC2007), else the area under the precision envelope."""
+    return _voc_summary(_voc_matches(predictions, targets), use_07_metric, iou_thresholds)
+
+
+# --------------------------------------------------------------------------------------------
+# The metric of a test set
+# --------------------------------------------------------------------------------------------
+METRICS = ("coco", "voc", "voc07")
+
+
+def evaluation_metric(data: str) -> str:
+    """How a test set is scored, as Detectron2 picks its evaluator: "voc07" for a VOC root named
+    VOC2007 (the 11-point metric: PascalVOCDetectionEvaluator's `year == 2007`), "voc" for another
+    VOC-layout root (`<root>/Annotations`; the area metric), "coco" for a COCO root or synthetic
+    data. `data` is a `build_detection_dataset` string; of comma-joined roots the first counts."""
+    first = Path(str(data).split(",")[0])
+    if (first / "Annotations").is_dir():
+        return "voc07" if first.name == "VOC2007" else "voc"
+    return "coco"
+
+
+def evaluate_predictions(predictions, targets, metric: str = "coco", iou_thresholds=None) -> dict:
+    """The AP set of `metric`: "coco" -> `coco_evaluate` (AP, AP50, AP75, APs, APm, APl); "voc" /
+    "voc07" -> `voc_summarize` (AP, AP50, AP75 by the area / 11-point metric) plus `voc_mAP50` and
+    `voc07_mAP50` (AP at IoU 0.5 by the area and by the 11-point metric: DAP's two VOC numbers).
+    Both add `AP@{t}` for each t in `iou_thresholds`, by the same metric."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    if metric == "coco":
+        return coco_evaluate(predictions, targets, iou_thresholds)
+    matches = _voc_matches(predictions, targets)
+    out = _voc_summary(matches, metric == "voc07", iou_thresholds)
+    out["voc_mAP50"], out["voc07_mAP50"] = (_voc_map(matches, 0.5, use_07) for use_07 in (False, True))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,12 +307,8 @@ def predict(model, loader, device, desc: str = "eval"):
     return [merged[i][0] for i in order], [merged[i][1] for i in order]
 
 
-def evaluate_detector(model, loader, device, iou_thresholds=None, voc: bool = False) -> dict:
-    """COCO metrics (plus `AP@{t}` for `iou_thresholds`) and, with `voc`, VOC mAP50 by the area
-    metric (`voc_mAP50`) and the 07 11-point metric (`voc07_mAP50`)."""
+def evaluate_detector(model, loader, device, iou_thresholds=None, metric: str = "coco") -> dict:
+    """`predict`, then `evaluate_predictions` with `metric` ("coco", "voc", "voc07"; see
+    `evaluation_metric` for a test set's)."""
     predictions, targets = predict(model, loader, device)
-    metrics = coco_evaluate(predictions, targets, iou_thresholds)
-    if voc:
-        metrics["voc_mAP50"] = voc_evaluate(predictions, targets, 0.5)["mAP"]
-        metrics["voc07_mAP50"] = voc_evaluate(predictions, targets, 0.5, use_07_metric=True)["mAP"]
-    return metrics
+    return evaluate_predictions(predictions, targets, metric, iou_thresholds)

@@ -16,6 +16,25 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture
+def torchvision_hub(monkeypatch):
+    """torchvision's weight download replaced: records which enum member was asked for and returns
+    a ResNet state dict with a marker in conv1 (no network)."""
+    from torchvision.models import resnet as tv_resnet
+    from torchvision.models._api import WeightsEnum
+
+    asked = []
+
+    def get_state_dict(self, *args, **kwargs):
+        asked.append(self)
+        sd = getattr(tv_resnet, self.__class__.__name__.split("_")[0].lower())().state_dict()
+        sd["conv1.weight"].fill_(0.25)
+        return sd
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", get_state_dict)
+    return asked
+
+
 def run_torchrun(args, nproc=2, timeout=300, cwd=ROOT):
     """Run `python -m torch.distributed.run --standalone --nproc_per_node N <args>`; fail with its output."""
     import subprocess

@@ -143,19 +143,20 @@ def _random_table(n_images, rng):
     m = int(counts.sum())
     xy = rng.uniform(0, 30, (m, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(2, 30, (m, 2))], 1).astype(np.float32)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     image_labels = rng.integers(0, 8, n_images)
-    return {"boxes": boxes, "labels": np.repeat(image_labels + 1, counts).astype(np.int64), "offsets": offsets,
-            "image_ids": np.arange(n_images, dtype=np.int64), "image_labels": image_labels.astype(np.int64),
-            "sizes": np.full((n_images, 2), 64, np.int32)}
+    return counts, {"boxes": boxes, "labels": np.repeat(image_labels + 1, counts).astype(np.int64),
+                    "image_ids": np.arange(n_images, dtype=np.int64), "image_labels": image_labels.astype(np.int64),
+                    "sizes": np.full((n_images, 2), 64, np.int32)}
 
 
 def test_table_writer_reader_round_trip_and_coco_export(tmp_path):
     rng = np.random.default_rng(0)
-    table = _random_table(10, rng)
+    counts, table = _random_table(10, rng)
     classes = list(SyntheticDetection.classes)
-    dap.write_table(tmp_path, table, {"classes": classes})
-    arrays, meta = dap.read_table(tmp_path)
+    dap.pseudo_box_table(tmp_path).write(counts, {"classes": classes}, **table)
+    table["offsets"] = np.concatenate([[0], np.cumsum(counts)])
+    written = dap.pseudo_box_table(tmp_path)
+    arrays, meta = written.arrays, written.meta
     assert meta["num_images"] == 10 and meta["num_boxes"] == len(table["boxes"])
     for k, v in table.items():
         assert isinstance(arrays[k], np.memmap) and np.array_equal(arrays[k], v)
@@ -169,7 +170,7 @@ def test_table_writer_reader_round_trip_and_coco_export(tmp_path):
         assert np.array_equal(target["boxes"].numpy(), table["boxes"][a:b])
         assert np.array_equal(target["labels"].numpy(), table["labels"][a:b])
     ds[0]  # the maps are open now; pickling (to a worker) must not carry them
-    assert ds._arrays is not None and pickle.loads(pickle.dumps(ds))._arrays is None
+    assert ds.table._arrays is not None and pickle.loads(pickle.dumps(ds)).table._arrays is None
     assert len(pickle.dumps(ds)) < 20_000
     coco = COCO(str(dap.export_coco_json(tmp_path)))
     assert len(coco.getAnnIds()) == len(table["boxes"]) and len(coco.getImgIds()) == 10
@@ -179,12 +180,12 @@ def test_table_writer_reader_round_trip_and_coco_export(tmp_path):
 
 def test_reader_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="pseudo-boxes"):
-        dap.read_table(tmp_path / "missing")
-    table = _random_table(4, np.random.default_rng(1))
-    table["offsets"] = table["offsets"][:-1]
-    dap.write_table(tmp_path, table, {"classes": ["a"]})
+        dap.pseudo_box_table(tmp_path / "missing").arrays
+    counts, table = _random_table(4, np.random.default_rng(1))
+    dap.pseudo_box_table(tmp_path).write(counts, {"classes": ["a"]}, **table)
+    np.save(tmp_path / "offsets.npy", np.concatenate([[0], np.cumsum(counts)])[:-1])  # one image short
     with pytest.raises(ValueError, match="inconsistent"):
-        dap.read_table(tmp_path)
+        dap.pseudo_box_table(tmp_path).arrays
 
 
 def test_box_quality_corloc_and_recall():
@@ -218,7 +219,8 @@ def test_classify_writes_a_classifier_checkpoint(pipeline):
 
 
 def test_pseudo_boxes_cover_every_image_with_valid_boxes(pipeline):
-    arrays, meta = dap.read_table(pipeline["boxes"])
+    table = dap.pseudo_box_table(pipeline["boxes"])
+    arrays, meta = table.arrays, table.meta
     assert meta["num_images"] == 24 and sorted(arrays["image_ids"]) == list(range(24))
     assert len(list((pipeline["boxes"] / "shards").glob("chunk_*.npz"))) == 3
     b = np.asarray(arrays["boxes"])
@@ -246,9 +248,8 @@ def test_pseudo_box_generation_resumes_after_interruption(pipeline, tmp_path):
     dap.generate_pseudo_boxes(args, env)
     after = {c: (tmp_path / "shards" / f"chunk_{c:06d}.npz").stat().st_mtime_ns for c in (0, 2)}
     assert before == after  # finished shards were not recomputed
-    a, _ = dap.read_table(tmp_path)
-    b, _ = dap.read_table(pipeline["boxes"])
-    for k in dap.TABLE:
+    a, b = dap.pseudo_box_table(tmp_path).arrays, dap.pseudo_box_table(pipeline["boxes"]).arrays
+    for k in b:
         assert np.allclose(a[k], b[k], atol=1e-4), k
 
 
@@ -312,9 +313,8 @@ def test_finetune_kshot_from_dap_and_from_cls(pipeline, tmp_path, init, capsys):
 def test_torchrun_two_processes_pretrain_and_pseudo_boxes(pipeline, tmp_path):
     run_torchrun(["dap.py", "pseudo-boxes", "--out", tmp_path / "boxes", "--classifier", pipeline["cls"],
                   "--scales", 64, 128, "--batch-size", 5, "--chunk-size", 10, *DATA], nproc=2)
-    a, _ = dap.read_table(tmp_path / "boxes")
-    b, _ = dap.read_table(pipeline["boxes"])
-    for k in dap.TABLE:  # the same table as one process wrote
+    a, b = dap.pseudo_box_table(tmp_path / "boxes").arrays, dap.pseudo_box_table(pipeline["boxes"]).arrays
+    for k in b:  # the same table as one process wrote
         assert np.allclose(a[k], b[k], atol=1e-4), k
     run_torchrun(["dap.py", "pretrain", "--out", tmp_path / "det", "--pseudo-boxes", pipeline["boxes"],
                   "--classifier", pipeline["cls"], "--epochs", 0.5, *DET, *DATA], nproc=2)

@@ -298,3 +298,13 @@ def test_closest_and_close_but_distant_pairs():
     want = sorted((dist[a, b], a, b) for a, b in zip(i, j) if close_a[a] == close_a[b] and far_b[a] != far_b[b])[:4]
     got = dpa.close_but_distant_pairs(dist, close_a, far_b, 4)
     assert [p[:2] for p in got] == [(int(a), int(b)) for _, a, b in want]
+
+
+def test_load_net_reads_any_torchvision_weights(torchvision_hub):
+    from torchvision.models import ResNet18_Weights
+
+    net = dpa.load_net("tv=torchvision:cls", "resnet18")
+    assert torchvision_hub == [ResNet18_Weights.IMAGENET1K_V1] and net.kind == "cls"
+    assert (net.backbone["conv1.weight"] == 0.25).all()
+    with pytest.raises(ValueError, match="has no weights 'IMAGENET1K_V2'"):  # parsed as torchvision's, not a path
+        dpa.load_net("tv=torchvision:IMAGENET1K_V2", "resnet18")

@@ -111,3 +111,33 @@ def test_timm_resnet_keys_map_into_detectors():
     report = load_weights(det, src.state_dict(), verbose=False)
     assert not [k for k in report.missing if k.startswith(("backbone.body.", "roi_heads.box_head."))]
     assert torch.equal(det.roi_heads.box_head.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+
+
+def test_torchvision_means_imagenet1k_v1_and_v2_is_explicit(torchvision_hub):
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+
+    cls = build_classifier("resnet50", 10, pretrained="torchvision")
+    assert torchvision_hub == [ResNet50_Weights.IMAGENET1K_V1]  # torchvision's DEFAULT would be V2
+    assert cls.fc.out_features == 10 and (cls.conv1.weight == 0.25).all()
+    build_classifier("resnet50", 1000, pretrained="torchvision:IMAGENET1K_V2")
+    assert torchvision_hub[-1] == ResNet50_Weights.IMAGENET1K_V2
+    det = build_detector("faster_rcnn_fpn", 3, backbone="resnet18", pretrained="torchvision")
+    assert torchvision_hub[-1] == ResNet18_Weights.IMAGENET1K_V1 and (det.backbone.body.conv1.weight == 0.25).all()
+    with pytest.raises(ValueError, match="torchvision:IMAGENET1K_V1"):  # resnet18 has V1 only: say so
+        build_detector("retinanet", 3, backbone="resnet18", pretrained="torchvision:IMAGENET1K_V2")
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_retinanet_p6_is_computed_from_c5(backbone):
+    model = build_detector("retinanet", 3, backbone=backbone).eval()
+    extra = model.backbone.fpn.extra_blocks
+    c5_channels = 512 if backbone == "resnet18" else 2048
+    assert extra.p6.in_channels == c5_channels and extra.p7.in_channels == 256
+    seen = {}
+    extra.p6.register_forward_hook(lambda m, inp, out: seen.update(p6_in=inp[0], p6=out))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        levels = model.backbone(x)
+        c5 = model.backbone.body(x)["2"]  # layer4's output
+    assert torch.equal(seen["p6_in"], c5) and torch.equal(levels["p6"], seen["p6"])
+    assert list(levels) == ["0", "1", "2", "p6", "p7"] and levels["p6"].shape[-1] == 1 and levels["p7"].shape[1] == 256

@@ -5,7 +5,8 @@ import torch
 
 from common.synthetic import SyntheticDetection
 from benchmarks.bench_common import plain_pycocotools
-from common.evaluation import coco_evaluate, voc_ap, voc_evaluate
+from common.evaluation import (coco_evaluate, evaluate_predictions, evaluation_metric, voc_ap, voc_evaluate,
+                               voc_summarize)
 
 
 def _img(boxes, labels, scores=None, difficult=None):
@@ -60,6 +61,53 @@ def test_voc_false_positive_in_image_without_that_class():
     gt = [_img([[0, 0, 10, 10]], [1]), _img([[0, 0, 5, 5]], [2])]
     det = [_img([[0, 0, 10, 10]], [1], [0.5]), _img([[0, 0, 5, 5]], [1], [0.9])]
     assert voc_evaluate(det, gt)["AP"][1] == pytest.approx(0.5)  # precision 1/2 at recall 1
+
+
+# Detectron2's VOC AP set by hand. Class 1: A, B normal, C difficult; detections in score order: d1
+# on A (IoU 1), d2 on B (IoU 100 / 150 = 2/3), d3 on C (IoU 1), d4 on A again (IoU 1).
+GT3 = _img([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [1, 1, 1], difficult=[False, False, True])
+DET4 = _img([[0, 0, 10, 10], [20, 20, 35, 30], [40, 40, 50, 50], [0, 0, 10, 10]], [1, 1, 1, 1],
+            [0.9, 0.8, 0.7, 0.6])
+
+
+def test_voc_summarize_hand_computed():
+    # IoU 0.50-0.65 (4 thresholds): tp 1 2 2 2, fp 0 0 0 1 (d3 neither, d4 a duplicate) -> recall
+    # 1/2 1 1 1, precision 1 1 1 2/3: AP 1 by either metric. IoU 0.70-0.95 (6): d2 misses -> tp
+    # 1 1 1 1, fp 0 1 1 2, recall stays 1/2: area AP 1/2; 07: t = 0 ... 0.5 -> 1, 0.6 ... 1 -> 0.
+    area = voc_summarize([DET4], [GT3])
+    assert area == pytest.approx({"AP": (4 * 1 + 6 * 0.5) / 10, "AP50": 1.0, "AP75": 0.5})
+    v07 = voc_summarize([DET4], [GT3], use_07_metric=True, iou_thresholds=[0.3, 0.7])
+    assert v07 == pytest.approx({"AP": (4 + 6 * 6 / 11) / 10, "AP50": 1.0, "AP75": 6 / 11,
+                                 "AP@0.3": 1.0, "AP@0.7": 6 / 11})
+    coco = coco_evaluate([DET4], [GT3])  # COCO-style: 101 points, the difficult box a positive
+    assert coco["AP"] != pytest.approx(area["AP"]) and coco["AP75"] != pytest.approx(area["AP75"])
+
+
+def test_voc_summarize_ignores_difficult_objects():
+    without_d3 = {k: v[[0, 1, 3]] for k, v in DET4.items()}  # the hit on the difficult C removed
+    assert voc_summarize([without_d3], [GT3]) == voc_summarize([DET4], [GT3])
+    as_positive = dict(GT3, difficult=torch.tensor([False, False, False]))  # C counted: d3 a TP, npos 3
+    assert voc_summarize([DET4], [as_positive])["AP50"] == pytest.approx(1.0)
+    assert voc_summarize([DET4], [as_positive])["AP75"] == pytest.approx(1 / 3 + 1 / 3 * 2 / 3)
+    only_difficult = _img([[0, 0, 10, 10]], [2], difficult=[True])  # a class with no positive: not scored
+    assert voc_summarize([DET4, _img([[0, 0, 10, 10]], [2], [0.5])], [GT3, only_difficult]) == \
+        voc_summarize([DET4], [GT3])
+
+
+def test_evaluate_predictions_picks_the_metric(tmp_path):
+    for name in ("VOC2007", "VOC2012", "coco"):
+        (tmp_path / name / ("Annotations" if name != "coco" else "annotations")).mkdir(parents=True)
+    assert evaluation_metric(str(tmp_path / "VOC2007")) == "voc07"
+    assert evaluation_metric(f"{tmp_path / 'VOC2007'},{tmp_path / 'VOC2012'}") == "voc07"  # 07+12: tested on 07
+    assert evaluation_metric(str(tmp_path / "VOC2012")) == "voc"
+    assert evaluation_metric(str(tmp_path / "coco")) == evaluation_metric("synthetic") == "coco"
+    m = evaluate_predictions([DET4], [GT3], "voc07")
+    assert m["AP75"] == pytest.approx(6 / 11) and m["voc07_mAP50"] == m["AP50"] == 1.0
+    assert m["voc_mAP50"] == voc_evaluate([DET4], [GT3])["mAP"]
+    assert evaluate_predictions([DET4], [GT3], "voc")["AP75"] == pytest.approx(0.5)
+    assert evaluate_predictions([DET4], [GT3]) == coco_evaluate([DET4], [GT3])
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate_predictions([DET4], [GT3], "voc2007")
 
 
 def _noisy_predictions(targets, seed=0):

@@ -292,3 +292,20 @@ def test_baseline_flag_and_demo_defaults():
     assert na.parse_args(["--arch", "faster_rcnn_fpn"]).lr == 0.01
     with pytest.raises(SystemExit):
         na.parse_args(["--topn", "0"])
+
+
+def test_voc_root_reports_detectron2_voc_metrics(tmp_path, capsys):
+    from common.data import VOCDetection
+    from common.distributed import init_distributed
+    from common.synthetic import export_voc
+
+    root = export_voc(SyntheticDetection(2, 64, seed=0), tmp_path, "test")
+    args = tiny_args("--data", root, "--val-split", "test")
+    val = VOCDetection(root, "test", detection_transforms(False), classes=SyntheticDetection.classes)
+    torch.manual_seed(0)
+    results = na.evaluate(args, init_distributed("cpu"), na.build_model(args, 8), val)
+    m = results["metrics"]
+    assert {"AP", "AP50", "AP75", "voc_mAP50", "voc07_mAP50"} <= set(m) and "APs" not in m  # VOC2007: 07 metric
+    assert m["AP50"] == m["voc07_mAP50"]
+    na.print_tables({"untrained": results})
+    assert "      -      -      -" in capsys.readouterr().out  # APs / APm / APl do not exist on VOC

@@ -2,6 +2,7 @@
 groups, transfer into the detector, the proposal table, and smoke runs of every stage (pre-training
 with exact resume, fine-tuning, the demo, 2-process torchrun)."""
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import soco
 from common.detectors import build_detector, load_weights
 from common.distributed import init_distributed
 from common.engine import load_checkpoint
+from common.synthetic import SyntheticDetection
 
 from conftest import run_torchrun
 
@@ -103,17 +105,25 @@ def test_fallback_never_leaves_an_image_without_a_box():
     assert soco.final_proposals(relaxed, 100, 100).tolist() == relaxed.tolist()
 
 
+def write_proposals(root, boxes_per_image, sizes):
+    """A proposal table from per-image (n_i, 4) uint16 arrays."""
+    table = soco.proposal_table(root)
+    table.write([len(b) for b in boxes_per_image], {"source": "x"}, boxes=np.concatenate(boxes_per_image),
+                sizes=np.asarray(sizes, np.int32))
+    return table
+
+
 def test_proposal_table_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     boxes = [rng.integers(0, 60000, (n, 4)).astype(np.uint16) for n in (3, 1, 7, 2)]
-    soco.ProposalTable.write(tmp_path, boxes, [(480, 640)] * 4, {"source": "x"})
-    table = soco.ProposalTable(tmp_path)
-    assert len(table) == 4 and table.meta["num_boxes"] == 13 and table.image_size(2) == (480, 640)
-    assert isinstance(table.boxes, np.memmap) and table.boxes.dtype == np.uint16
+    write_proposals(tmp_path, boxes, [(480, 640)] * 4)
+    table = soco.proposal_table(tmp_path)
+    assert len(table) == 4 and table.meta["num_boxes"] == 13 and table.arrays["sizes"][2].tolist() == [480, 640]
+    assert isinstance(table.arrays["boxes"], np.memmap) and table.arrays["boxes"].dtype == np.uint16
     for i, b in enumerate(boxes):
-        assert table[i].dtype == np.float32 and table[i].tolist() == b.astype(np.float32).tolist()
+        assert table[i]["boxes"].tolist() == b.tolist()
     with pytest.raises(FileNotFoundError, match="soco.py proposals"):
-        soco.ProposalTable(tmp_path / "missing")
+        len(soco.proposal_table(tmp_path / "missing"))
 
 
 def test_proposal_stage_is_resumable(tmp_path):
@@ -126,9 +136,9 @@ def test_proposal_stage_is_resumable(tmp_path):
     np.savez(shards / "000001.npz", boxes=fake, counts=np.array([2, 1]), sizes=np.array([[64, 64], [64, 64]], np.int32))
     table = soco.stage_proposals(args)
     assert len(table) == 5 and not shards.exists()
-    assert table[2].tolist() == fake[:2].tolist() and table[3].tolist() == fake[2:].tolist()
+    assert table[2]["boxes"].tolist() == fake[:2].tolist() and table[3]["boxes"].tolist() == fake[2:].tolist()
     for i in (0, 1, 4):
-        b = table[i]
+        b = table[i]["boxes"]
         assert len(b) >= 1 and (b[:, 2] <= 64).all() and (b[:, 3] <= 64).all()
     assert soco.stage_proposals(args).meta == table.meta  # complete: read back, not redone
     with pytest.raises(ValueError, match="another image set"):
@@ -160,9 +170,9 @@ class _OneImage:
 def test_views_show_the_same_object_in_every_view(tmp_path, extra):
     S = 200
     props = [np.array([[20, 30, 120, 110], [90, 20, 190, 150], [40, 100, 160, 190], [60, 60, 140, 140]], np.uint16)]
-    soco.ProposalTable.write(tmp_path, props, [(S, S)], {"source": "x"})
+    table = write_proposals(tmp_path, props, [(S, S)])
     args = parse("--view-size", 224, "--v3-size", 112, "--no-jitter", *extra)
-    ds = soco.SoCoViews(_OneImage(_coordinate_image(S)), soco.ProposalTable(tmp_path), args)
+    ds = soco.SoCoViews(_OneImage(_coordinate_image(S)), table, args)
     v1_scale = 224 / S
     for seed in range(8):
         torch.manual_seed(seed)
@@ -187,9 +197,9 @@ def test_views_show_the_same_object_in_every_view(tmp_path, extra):
 
 
 def test_v3_is_v2_downsampled_and_flip_moves_boxes_with_pixels(tmp_path):
-    soco.ProposalTable.write(tmp_path, [np.array([[10, 10, 90, 70]], np.uint16)], [(100, 100)], {"source": "x"})
+    table = write_proposals(tmp_path, [np.array([[10, 10, 90, 70]], np.uint16)], [(100, 100)])
     args = parse("--view-size", 64, "--v3-size", 32, "--no-jitter")
-    ds = soco.SoCoViews(_OneImage(_coordinate_image(100)), soco.ProposalTable(tmp_path), args)
+    ds = soco.SoCoViews(_OneImage(_coordinate_image(100)), table, args)
     torch.manual_seed(0)
     (v1, b1, _), (v2, b2, _), (v3, b3, _) = ds.geometry(0)
     assert torch.allclose(b3, b2 / 2) and v3.shape[-1] == 32
@@ -350,3 +360,15 @@ def test_imagefolder_images_get_proposals_and_views(tmp_path):
     ds = soco.SoCoViews(soco.build_image_source(args), table, args)
     images, boxes = ds[0]
     assert [im.shape[-1] for im in images] == [64, 64, 32] and all(b["boxes"].shape == (4, 4) for b in boxes)
+
+
+def test_views_dataset_pickles_without_the_proposal_arrays(tmp_path):
+    """What a spawned DataLoader worker receives: the table's path, not its 10,000 boxes."""
+    rng = np.random.default_rng(0)
+    boxes = [rng.integers(0, 64, (10, 4)).astype(np.uint16) for _ in range(1000)]
+    table = write_proposals(tmp_path, boxes, [(64, 64)] * 1000)
+    ds = soco.SoCoViews(SyntheticDetection(1000, 64, mode="unlabeled"), table, parse("--view-size", 64))
+    ds.geometry(5)  # the maps are open now
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000, len(blob)  # the boxes alone are 80 KB
+    assert pickle.loads(blob).proposals[5]["boxes"].tolist() == boxes[5].tolist()
