@@ -47,8 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-scenes", type=int, default=500, help="held-out scenes (at least 300)")
     p.add_argument("--k", type=int, default=5, help="images per class of the k-shot subset")
     p.add_argument("--classifier-steps", type=int, default=400)
-    p.add_argument("--full-steps", type=int, default=1000)
-    p.add_argument("--kshot-steps", type=int, default=300)
+    p.add_argument("--full-steps", type=int, default=800)
+    p.add_argument("--kshot-steps", type=int, default=200)
     p.add_argument("--cache", default="runs/synthetic_cache", help="render cache folder (see common.synthetic.RenderCache)")
     p.add_argument("--out", default=None, help="also write the JSON result to OUT/bench_learnability.json")
     return p

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, ba
         images, targets = collate_detection([augment(*dataset[int(i)]) for i in idx])
         losses = model(list(images), list(targets))
         loss = sum(losses.values())
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"non-finite detector loss at step {step}: "
                                      + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
         opt.zero_grad(set_to_none=True)
@@ -273,3 +274,85 @@ def evaluate_demo_detector(model: nn.Module, dataset, batch_size: int = 25) -> d
         targets += [t for _, t in items]
     model.train()
     return coco_evaluate(predictions, targets)
+
+
+# --------------------------------------------------------------------------------------------
+# Several seeds: python -m common.demo --script dap.py --seeds 0 1 2
+# --------------------------------------------------------------------------------------------
+SEEDS_BEGIN, SEEDS_END = "<!-- demo-seeds:begin -->", "<!-- demo-seeds:end -->"
+
+
+def seeds_table(results: list[dict], command: str, machine: str, when: str) -> str:
+    """The Markdown mean ± std table of several demo.json results of one script (one row per claim)."""
+    seeds = [r["seed"] for r in results]
+    lines = [f"Command: `{command}` at seeds {', '.join(map(str, seeds))}; {machine}; {when}.", "",
+             "| claim | metric | better (paper) | worse (paper) | held | wall time per seed |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    wall = np.array([r["wall_s"] for r in results])
+    for k, c in enumerate(results[0]["claims"]):
+        b = np.array([r["claims"][k]["better"]["value"] for r in results])
+        w = np.array([r["claims"][k]["worse"]["value"] for r in results])
+        held = int(sum(claim_holds(r["claims"][k]) for r in results))
+        lines.append(f"| {c['claim']} | {c['metric']} | {c['better']['name']} {b.mean():.4f} ± {b.std(ddof=1) if len(b) > 1 else 0:.4f} "
+                     f"| {c['worse']['name']} {w.mean():.4f} ± {w.std(ddof=1) if len(w) > 1 else 0:.4f} "
+                     f"| {held} of {len(results)} seeds | {wall.mean() / 60:.1f} ± {wall.std() / 60:.1f} min |")
+    lines += ["", "Per seed (better / worse):", ""]
+    for r in results:
+        lines.append(f"- seed {r['seed']} ({r['wall_s'] / 60:.1f} min): " + "; ".join(
+            f"{c['metric']} {c['better']['value']:.4f} / {c['worse']['value']:.4f}" for c in r["claims"]))
+    return "\n".join(lines)
+
+
+def _update_results(path: Path, table: str) -> None:
+    """Put `table` between the demo-seeds markers of `path` (appended when absent); the rest stays."""
+    block = f"{SEEDS_BEGIN}\n{table}\n{SEEDS_END}"
+    text = path.read_text() if path.is_file() else f"# {path.stem}\n"
+    if SEEDS_BEGIN in text and SEEDS_END in text:
+        head, rest = text.split(SEEDS_BEGIN, 1)
+        text = head + block + rest.split(SEEDS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Demo at several seeds\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_seeds(script: str, seeds, out_root, extra=(), results_dir="results") -> str:
+    """Run `python SCRIPT --demo --seed S --out OUT_ROOT/S` for each seed (one after the other: an
+    idle machine gives honest wall times), then write the mean ± std table into
+    `results_dir/<script stem>.md`. Returns the table."""
+    import platform
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    results = []
+    for seed in seeds:
+        out = Path(out_root) / str(seed)
+        cmd = [sys.executable, script, "--demo", "--seed", str(seed), "--out", str(out), *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        obj = json.loads((out / "demo.json").read_text())
+        check_demo_result(obj)
+        results.append(obj)
+    machine = f"{platform.machine()} {os.cpu_count()}-core {platform.processor() or platform.system()}, torch {torch.__version__}"
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = f"python {script} --demo --seed S --out {out_root}/S" + (" " + " ".join(extra) if extra else "")
+    table = seeds_table(results, command, machine, when)
+    _update_results(Path(results_dir) / f"{Path(script).stem}.md", table)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Run a script's --demo at several seeds and write the mean ± std "
+                                            "table into results/<script>.md")
+    p.add_argument("--script", required=True, help="dap.py, jigsaw.py, soco.py, noisy_anchor.py, ...")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/demo_seeds", help="each seed's demo writes OUT/<script>/<seed>/")
+    p.add_argument("extra", nargs="*", help="more arguments for the script, after --")
+    a = p.parse_args()
+    run_seeds(a.script, a.seeds, Path(a.out) / Path(a.script).stem, a.extra)

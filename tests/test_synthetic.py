@@ -168,3 +168,24 @@ def test_classifier_learns_far_above_chance_in_a_few_steps(tmp_path):
     model = build_classifier("resnet18", len(SHAPES), norm="bn")
     train_demo_classifier(model, train, steps=60, seed=0, log=None)
     assert evaluate_demo_classifier(model, test) > 0.35  # chance is 0.125
+
+
+def test_run_seeds_writes_the_mean_std_table_into_the_results_file(tmp_path):
+    from common.demo import SEEDS_BEGIN, run_seeds
+
+    script = tmp_path / "fake.py"  # a demo that writes demo.json like every script's --demo
+    script.write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom common.demo import claim, write_demo_result\n"
+        "a = sys.argv; seed = int(a[a.index('--seed') + 1]); out = a[a.index('--out') + 1]\n"
+        "write_demo_result(out, 'fake.py', seed, 60.0 * (seed + 1), [claim('A > B', 'AP50', ('A', 0.5 + seed / 10), ('B', 0.25))], {})\n"
+        % str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "fake.md").write_text("# fake\n\nkept text\n")
+    run_seeds(str(script), [0, 2], tmp_path / "runs", results_dir=results)
+    text = (results / "fake.md").read_text()
+    assert "kept text" in text and SEEDS_BEGIN in text
+    assert "A 0.6000 ± 0.1414" in text and "B 0.2500 ± 0.0000" in text and "2 of 2 seeds" in text
+    run_seeds(str(script), [1], tmp_path / "runs", results_dir=results)  # replaces the block, keeps the rest
+    text = (results / "fake.md").read_text()
+    assert text.count(SEEDS_BEGIN) == 1 and "A 0.6000 ± 0.0000" in text and "kept text" in text
