@@ -51,7 +51,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--kshot-steps", type=int, default=200)
     p.add_argument("--cache", default="runs/synthetic_cache", help="render cache folder (see common.synthetic.RenderCache)")
     p.add_argument("--out", default=None, help="also write the JSON result to OUT/bench_learnability.json")
+    p.add_argument("--renders", default=None, metavar="PNG",
+                   help="only draw renders of the data (easy scenes, easy object images, hard scenes) with their boxes into PNG")
     return p
+
+
+def draw_renders(path, seed: int = 0, per_row: int = 8, scale: int = 3) -> None:
+    """Three rows of `per_row` images, boxes and class names drawn on: easy scenes, easy
+    object-centric images, the hard rendering's scenes."""
+    from PIL import Image, ImageDraw
+
+    rows = [SyntheticDetection(per_row, 64, seed=seed), SyntheticDetection(per_row, 64, mode="object", seed=seed),
+            SyntheticDetection(per_row, 64, seed=seed, difficulty="hard")]
+    side = 64 * scale
+    sheet = Image.new("RGB", (per_row * side, len(rows) * side), "white")
+    for r, ds in enumerate(rows):
+        for i in range(per_row):
+            image, ann = ds.render(i, masks=False)
+            tile = Image.fromarray(image).resize((side, side), Image.NEAREST)
+            draw = ImageDraw.Draw(tile)
+            for box, label in zip(ann["boxes"], ann["labels"]):
+                draw.rectangle([v * scale for v in box.tolist()], outline=(255, 0, 0))
+                draw.text((box[0] * scale + 2, box[1] * scale + 1), SHAPES[label - 1], fill=(255, 0, 0))
+            sheet.paste(tile, (i * side, r * side))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
 
 
 def data(args) -> dict:
@@ -121,4 +145,8 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli = get_args_parser().parse_args()
+    if cli.renders:
+        draw_renders(cli.renders, cli.seed)
+    else:
+        main(cli)
