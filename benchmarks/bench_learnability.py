@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="images per class of the k-shot subset")
     p.add_argument("--classifier-steps", type=int, default=400)
     p.add_argument("--full-steps", type=int, default=800)
-    p.add_argument("--kshot-steps", type=int, default=200)
+    p.add_argument("--kshot-steps", type=int, default=150)
     p.add_argument("--cache", default="runs/synthetic_cache", help="render cache folder (see common.synthetic.RenderCache)")
     p.add_argument("--out", default=None, help="also write the JSON result to OUT/bench_learnability.json")
     p.add_argument("--renders", default=None, metavar="PNG",
