@@ -15,7 +15,7 @@ from common.data import collate_detection, detection_transforms
 from common.synthetic import SyntheticDetection
 from common.distributed import init_distributed
 from common.engine import load_checkpoint
-from conftest import run_torchrun
+from conftest import record_autocast, run_torchrun
 
 TINY = ["--data", "synthetic", "--synthetic-train", "8", "--synthetic-val", "4", "--synthetic-size", "64",
         "--backbone", "resnet18", "--norm", "bn", "--trainable-layers", "5", "--min-size", "64", "--max-size", "64",
@@ -295,12 +295,14 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
         na.main(tiny_args("--iters", "4", "--output-dir", part, "--resume", tmp_path / "nope.pth"))
 
 
-def test_amp_train_step_on_the_cpu(tmp_path):
+def test_amp_train_step_on_the_cpu(tmp_path, monkeypatch):
     # --amp on the CPU is bfloat16 autocast: the NoisyAnchor loss takes the head's bfloat16 outputs
     # and computes in float32 (indexing float32 c / r into them crashed before)
     args = tiny_args("--iters", "1", "--amp", "--output-dir", tmp_path)
     train_set, _ = na.build_datasets(args)
+    dtypes = record_autocast(monkeypatch, na)
     na.train(args, init_distributed("cpu"), na.build_model(args, len(train_set.classes)), train_set, tmp_path)
+    assert dtypes == [torch.bfloat16]
     assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
     log = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert log["step"] == 1 and math.isfinite(log["loss"])
