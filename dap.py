@@ -94,8 +94,8 @@ from common.data import (build_classification_dataset, build_detection_dataset, 
 from common.detectors import build_classifier, build_detector
 from common.distributed import (cleanup, init_distributed, is_main, reduce_dict, seed_everything, unwrap,
                                 wrap_ddp)
-from common.engine import (JsonlLogger, build_scheduler, load_checkpoint, save_checkpoint,
-                           train_detector)
+from common.engine import (JsonlLogger, autocast, build_scheduler, load_checkpoint, resolve_resume,
+                           save_checkpoint, train_detector)
 from common.table import RaggedTable
 from common.evaluation import evaluate_detector
 
@@ -140,10 +140,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         g.add_argument("--workers", type=int, default=4)
         g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--amp", action="store_true", help="mixed precision (GPU)")
+        g.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on the CPU")
         g.add_argument("--clip-grad", type=float, default=0.0,
                        help="max gradient norm of the detector steps (0: off, as in the paper)")
-        g.add_argument("--resume", default="", help="checkpoint to continue from ('auto': out/checkpoint.pth)")
+        g.add_argument("--resume", default="", help="checkpoint to continue from (must exist); 'auto': "
+                                                    "--out/checkpoint.pth when there is one, else a fresh run")
         return g
 
     # Step 1 ----------------------------------------------------------------------------------
@@ -522,14 +523,6 @@ def export_coco_json(root, path=None) -> Path:
     return path
 
 
-def resume_path(args):
-    """--resume auto: out/checkpoint.pth when it exists (a fresh start otherwise); a path must exist."""
-    if args.resume == "auto":
-        path = Path(args.out) / "checkpoint.pth"
-        return path if path.is_file() else None
-    return args.resume or None
-
-
 # ============================================================================================
 # Step 1: classifier pre-training (cross-entropy)
 # ============================================================================================
@@ -566,7 +559,8 @@ def train_classifier(args, env) -> Path:
     scheduler = build_scheduler(optimizer, steps, warmup_steps=int(args.warmup_epochs * len(loader)),
                                 schedule="cosine")
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=args.epochs, out_dir=out, args=args,
-                   loss_fn=classification_loss, amp=args.amp, desc="classify", resume=resume_path(args))
+                   loss_fn=classification_loss, amp=args.amp, desc="classify",
+                   resume=resolve_resume(args.resume, out))
     save_checkpoint(final, {"model": model.state_dict(), "args": vars(args), "classes": list(train_set.classes)})
     if args.data == "synthetic" or Path(args.data, "val").is_dir():
         val = build_classification_dataset(args.data, "val", classification_transforms(False, args.crop_size),
@@ -642,7 +636,7 @@ def generate_pseudo_boxes(args, env) -> Path:
         rows = {k: [] for k in ("boxes", "labels", "counts", "image_ids", "image_labels", "sizes")}
         for per_scale, labels, indices, sizes in loader:
             per_scale = [(x.to(env.device, non_blocking=True), g.to(env.device)) for x, g in per_scale]
-            with torch.autocast(env.device.type, enabled=args.amp and env.device.type == "cuda"):
+            with autocast(env.device, args.amp):
                 cams, grid = multiscale_cams(model, per_scale, labels.to(env.device))
             boxes, image = cams_to_boxes(cams, args.thresholds, args.nms_iou, sizes=grid, variant=args.box_variant)
             boxes, image = boxes.cpu(), image.cpu()
@@ -709,8 +703,8 @@ def _detector_loop(args, env, model, train_set, out, milestones_frac, iters=0):
     scheduler = build_scheduler(optimizer, steps, warmup_steps=min(args.warmup_iters, steps // 2),
                                 schedule="step", milestones=[int(f * steps) for f in milestones_frac])
     return train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, max_steps=steps,
-                          out_dir=out, args=args, amp=args.amp, clip_grad=args.clip_grad, resume=resume_path(args),
-                          desc=args.command)
+                          out_dir=out, args=args, amp=args.amp, clip_grad=args.clip_grad,
+                          resume=resolve_resume(args.resume, out), desc=args.command)
 
 
 def make_detector(args, num_classes: int, pretrained, trainable_layers: int = 3):

@@ -102,7 +102,7 @@ from common.detectors import (read_state_dict, backbone_state_dict, build_classi
                               is_torchvision, load_weights)
 from common.distributed import (all_gather_object, barrier, cleanup, init_distributed, is_main,
                                 seed_everything, wrap_ddp)
-from common.engine import build_scheduler, save_checkpoint, train_detector
+from common.engine import build_scheduler, resolve_resume, save_checkpoint, train_detector
 from common.evaluation import evaluation_metric, predict, voc_evaluate
 
 EXPERIMENTS = ("detection", "classification", "probes", "head-probes", "features", "visualisation", "removal")
@@ -176,10 +176,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/det_pretrain_analysis", help="report folder")
     g.add_argument("--workers", type=int, default=4)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--amp", action="store_true", help="mixed precision for training (GPU)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision for training: float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", action="store_true",
-                   help="continue unfinished trainings from their checkpoint.pth (finished ones are always reused)")
+    g.add_argument("--resume", default="",
+                   help="'auto': continue unfinished trainings from their checkpoint.pth under --out (a fresh "
+                        "start where there is none), or the path of one of those checkpoints; finished ones are "
+                        "always reused")
     g.add_argument("--demo", action="store_true", help="pre-train two small networks on synthetic data and run "
                                                        "every experiment (CPU, minutes)")
     return p
@@ -511,11 +514,6 @@ def _write_json(path: Path, obj) -> None:
         write_json_atomic(obj, path)
 
 
-def _resume(args, out: Path):
-    ckpt = out / "checkpoint.pth"
-    return str(ckpt) if args.resume and ckpt.is_file() else None
-
-
 def finetune_detection(args, env, net: Net, out: Path) -> dict:
     """Sec. 2.1: the backbone of `net` in a detector whose heads start afresh, fine-tuned with
     horizontal flips for --det-epochs (LR x0.1 after --det-lr-steps), then VOC AP at each IoU."""
@@ -538,8 +536,8 @@ def finetune_detection(args, env, net: Net, out: Path) -> dict:
     scheduler = build_scheduler(optimizer, args.det_epochs * iters, warmup_steps=min(args.det_warmup, iters),
                                 milestones=[e * iters for e in args.det_lr_steps])
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=args.det_epochs, out_dir=out,
-                   args=args, amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out),
-                   desc=f"detection {net.name}")
+                   args=args, amp=args.amp, clip_grad=args.clip_grad,
+                   resume=resolve_resume(args.resume, out, run_dir=args.out), desc=f"detection {net.name}")
     predictions, targets = predict(model, test_loader, env.device)
     use_07 = evaluation_metric(args.det_test_data or args.det_data) == "voc07"  # VOC2007: 11-point (SNIPER)
     curve = ap_vs_iou(predictions, targets, sorted(set(args.iou_thresholds) | {0.5, 0.7}), use_07)
@@ -561,8 +559,8 @@ def train_classifier(args, env, model, train_set, out: Path, *, epochs, lr, batc
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     scheduler = build_scheduler(optimizer, total, warmup_steps=min(50, total // 10), schedule="cosine")
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args,
-                   loss_fn=classification_loss, amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out),
-                   max_steps=max_steps, desc=desc)
+                   loss_fn=classification_loss, amp=args.amp, clip_grad=args.clip_grad,
+                   resume=resolve_resume(args.resume, out, run_dir=args.out), max_steps=max_steps, desc=desc)
     return model.eval()
 
 
@@ -606,8 +604,8 @@ def pretrain_detector(args, env, dataset, out: Path, init: Net | None = None) ->
     scheduler = build_scheduler(optimizer, total, warmup_steps=min(args.det_warmup, total // 5),
                                 milestones=[int(total * 2 / 3), int(total * 8 / 9)])
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args,
-                   amp=args.amp, clip_grad=args.clip_grad, resume=_resume(args, out), max_steps=total,
-                   desc=f"pre-train {out.name}")
+                   amp=args.amp, clip_grad=args.clip_grad, resume=resolve_resume(args.resume, out, run_dir=args.out),
+                   max_steps=total, desc=f"pre-train {out.name}")
     if is_main():
         (out / "done").write_text("finished\n")
     barrier()
@@ -986,7 +984,8 @@ def demo(args) -> dict:
              "--box-batch-per-image", "32", "--test-proposals", "100", "--det-warmup", "10", "--clip-grad", "5",
              "--pretrain-norm", "bn", "--pretrain-trainable-layers", "5", "--pretrain-batch-size", str(batch),
              "--pretrain-lr", "0.02", "--pretrain-steps", str(steps)]
-    pre = get_args_parser().parse_args(small + ["--out", str(out)])
+    resume = ["--resume", args.resume] if args.resume else []
+    pre = get_args_parser().parse_args(small + ["--out", str(out)] + resume)
     env = init_distributed("cpu")
 
     cls_ckpt = out / "pretrain" / "cls" / "classifier.pth"
@@ -1010,7 +1009,7 @@ def demo(args) -> dict:
         "--cls-epochs", "5", "--cls-batch-size", "32", "--cls-lr", "0.02",
         "--kmeans-max", "48", "--kmeans-points", "6", "--mask-stride", "8", "--mask-patch", "26",
         "--vis-images", "3", "--remove-categories", "star", "triangle"]
-        + (["--resume"] if args.resume else []))
+        + resume)
     results = main(run)
     print(f"demo finished in {time.time() - t0:.0f}s")
     return results

@@ -166,9 +166,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/jigsaw")
     s.add_argument("--workers", type=int, default=4)
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    s.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on the CPU")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resume", action="store_true", help="continue from OUT/<stage>/checkpoint.pth")
+    s.add_argument("--resume", default="", help="checkpoint to continue the stage from; 'auto': "
+                                                "OUT/<stage>/checkpoint.pth when there is one, else a fresh run")
     s.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between pre-training checkpoints")
     s.add_argument("--log-every", type=int, default=20)
     s.add_argument("--det-kwargs", default="{}", help="JSON dict passed to build_detector (e.g. anchor_sizes)")
@@ -611,7 +612,7 @@ def pretrain(args, env, max_steps: int | None = None) -> Path:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     # Sec. 4.1: warm-up from 0.2 to 0.8 (x batch / 512) over 1250 iterations, then cosine to 0.
     scheduler = engine.build_scheduler(optimizer, args.iters, args.warmup_iters, args.warmup_lr / args.lr, "cosine")
-    resume = out / "checkpoint.pth" if args.resume else None
+    resume = engine.resolve_resume(args.resume, out, run_dir=args.out if args.demo else None)  # demo: all stages
     erf = None
     if args.strategy == "erf":
         erf = ErfWeights(resnet, dataset, args.tau, args.erf_every, args.iters, args.erf_images, args.seed, env.device)
@@ -679,7 +680,8 @@ def seconds_per_iteration(args, env, train_set, loader, scratch: bool, iters: in
     cdata.set_epoch(loader, 0)
     for k, (images, targets) in zip(range(iters + 1), loader):
         t0 = compute_seconds(env.device)
-        loss = sum(model([im.to(env.device) for im in images], engine._to_device(targets, env.device)).values())
+        with engine.autocast(env.device, args.amp):  # the precision the training will run at
+            loss = sum(model([im.to(env.device) for im in images], engine._to_device(targets, env.device)).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -702,7 +704,8 @@ def finetune(args, env, scratch: bool = False) -> dict:
     iters_per_epoch = len(loader)
     epochs, steps = args.det_epochs, list(args.det_steps)
     schedule_file = out / "schedule.json"
-    if scratch and args.scratch_budget_s > 0 and args.resume and schedule_file.is_file():
+    resume = engine.resolve_resume(args.resume, out, run_dir=args.out if args.demo else None)
+    if scratch and args.scratch_budget_s > 0 and resume is not None and schedule_file.is_file():
         epochs, steps = json.loads(schedule_file.read_text())["epochs_steps"]  # the calibration of the first run
     elif scratch and args.scratch_budget_s > 0:
         # Tab. 5: as many iterations as the Jigsaw run's pre-training + fine-tuning took, with the
@@ -726,7 +729,7 @@ def finetune(args, env, scratch: bool = False) -> dict:
     t0 = compute_seconds(env.device)
     engine.train_detector(model, loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args, amp=args.amp,
                           checkpoint_every=args.checkpoint_every,
-                          resume=out / "checkpoint.pth" if args.resume else None, log_every=args.log_every,
+                          resume=resume, log_every=args.log_every,
                           desc=name)
     train_s = compute_seconds(env.device) - t0
     metrics = evaluate_detector(cdist.unwrap(model), val_loader, env.device, metric=evaluation_metric(args.data))
@@ -806,7 +809,7 @@ def benchmark(args, env, batches: int = 10) -> dict:
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(env.device.type, enabled=args.amp and env.device.type == "cuda"):
+        with engine.autocast(env.device, args.amp):
             loss = model(images, labels, weights)
         opt.zero_grad()
         loss.backward()

@@ -98,7 +98,7 @@ from torchvision.ops import box_area, box_iou
 from common.data import build_detection_dataset, build_loader, detection_transforms
 from common.detectors import build_detector
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
-from common.engine import build_scheduler, train_detector
+from common.engine import build_scheduler, resolve_resume, train_detector
 from common.evaluation import coco_precision, evaluate_predictions, evaluation_metric, predict
 
 EPS = 1e-3  # f(x) = 1 / (1 - x) is evaluated at x <= 1 - EPS (CHOICE above)
@@ -154,11 +154,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--trainable-layers", type=int, default=3, help="torchvision's count (3: stem, res2 frozen)")
     system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="base anchor size per level")
     system.add_argument("--output-dir", default="runs/noisy_anchor")
-    system.add_argument("--resume", action="store_true", help="continue from --output-dir/checkpoint.pth")
+    system.add_argument("--resume", default="", help="checkpoint to continue from; 'auto': --output-dir/checkpoint.pth "
+                                                     "when there is one (a fresh run otherwise)")
     system.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps")
     system.add_argument("--workers", type=int, default=4)
     system.add_argument("--device", default="auto")
-    system.add_argument("--amp", action="store_true")
+    system.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
     system.add_argument("--clip-grad", type=float, default=0.0)
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20)
@@ -244,7 +245,9 @@ def noisy_anchor_losses(cls_logits, bbox_regression, anchors, targets, matched_i
     """Eq. 2.5-2.6 for RetinaNet. cls_logits (B, A, K), bbox_regression (B, A, 4), anchors list of
     (A, 4), targets list of dicts, matched_idxs list of (A,) (>= 0: A_pos with its GT, -1: A_neg,
     -2: ignored, as torchvision's Matcher). With soft labels and re-weighting off this is plain
-    focal loss + smooth L1 on the given assignment, normalised like torchvision's RetinaNet."""
+    focal loss + smooth L1 on the given assignment, normalised like torchvision's RetinaNet.
+    Computed in float32 whatever the head returns (under --amp its outputs are float16 / bfloat16)."""
+    cls_logits, bbox_regression = cls_logits.float(), bbox_regression.float()
     cls_losses, reg_losses = [], []
     for logits, deltas, anchors_i, target, matched in zip(cls_logits, bbox_regression, anchors, targets, matched_idxs):
         pos = torch.where(matched >= 0)[0]  # A_pos
@@ -303,6 +306,7 @@ class NoisyAnchorRPN(RegionProposalNetwork):
         self.alpha, self.gamma, self.soft_labels, self.reweighting = alpha, gamma, soft_labels, reweighting
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        objectness, pred_bbox_deltas = objectness.float(), pred_bbox_deltas.float()  # float32 under --amp too
         sampled_pos, sampled_neg = self.fg_bg_sampler(labels)  # per image (A,) masks
         image_of = torch.cat([torch.full_like(lab, i, dtype=torch.long) for i, lab in enumerate(labels)])
         pos = torch.where(torch.cat(sampled_pos))[0]
@@ -366,7 +370,7 @@ def train(args, env, model, train_set, out_dir: Path):
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, args.iters, warmup_steps=min(args.warmup_iters, args.iters),
                                 warmup_factor=1 / 3, milestones=(args.iters * 2 // 3, args.iters * 8 // 9))  # 120k/160k of 180k
-    resume = out_dir / "checkpoint.pth" if args.resume and (out_dir / "checkpoint.pth").is_file() else None
+    resume = resolve_resume(args.resume, out_dir, run_dir=out_dir.parent if args.demo else None)  # demo: two runs
     # The loss lives inside the model (NoisyAnchorHead / NoisyAnchorRPN), so the default loss_fn,
     # model(images, targets), is the method's loss and DDP sees one ordinary forward.
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=math.ceil(args.iters / len(loader)),

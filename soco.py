@@ -112,7 +112,7 @@ from common.data import (ImageFolderDataset, build_detection_dataset, build_load
 from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
-from common.engine import JsonlLogger, build_scheduler, save_checkpoint, train_detector
+from common.engine import JsonlLogger, build_scheduler, resolve_resume, save_checkpoint, train_detector
 from common.evaluation import evaluate_detector, evaluation_metric
 from common.table import RaggedTable
 
@@ -200,9 +200,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="runs/soco/pretrain", help="output folder")
     g.add_argument("--workers", type=int, default=8, help="data-loading workers per rank")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--amp", action="store_true", help="mixed precision on GPU (Sec. 4.1 setting)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision (Sec. 4.1 setting): float16 on CUDA, bfloat16 on the CPU")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", default="", help="checkpoint.pth to continue from; 'auto': --out/checkpoint.pth if any")
+    g.add_argument("--resume", default="",
+                   help="checkpoint.pth to continue from (must exist); 'auto': --out/checkpoint.pth if any, else fresh")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedules keep --epochs)")
     g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, default=20)
@@ -667,14 +669,6 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, momentum: 
     return Lars(groups, lr=lr, momentum=momentum, trust_coeff=trust_coeff)
 
 
-def resume_path(args) -> str | None:
-    """--resume PATH, or with 'auto' the run's own checkpoint when there is one (a fresh start otherwise)."""
-    if args.resume == "auto":
-        path = Path(args.out) / "checkpoint.pth"
-        return str(path) if path.is_file() else None
-    return args.resume or None
-
-
 def soco_step(model, views, targets) -> dict:
     """`common.engine.train_detector`'s loss_fn: the symmetrised SoCo loss of one batch."""
     return model(views, [t["boxes"] for t in targets])
@@ -714,9 +708,9 @@ def stage_pretrain(args, env) -> Path:
         print(f"SoCo pre-training: {len(dataset)} images, {len(loader)} steps/epoch x {args.epochs} epochs, "
               f"batch {args.batch_size} ({per_rank}/rank x {env.world_size}), lr {lr:g}, K={dataset.k}")
     train_detector(model, loader, optimizer, scheduler, epochs=args.epochs, out_dir=out, args=args,
-                   loss_fn=soco_step, amp=args.amp, checkpoint_every=args.checkpoint_every, resume=resume_path(args),
-                   log_every=args.log_every, max_steps=args.max_steps, on_step_end=momentum_update,
-                   on_epoch_end=export, desc="soco")
+                   loss_fn=soco_step, amp=args.amp, checkpoint_every=args.checkpoint_every,
+                   resume=resolve_resume(args.resume, out), log_every=args.log_every, max_steps=args.max_steps,
+                   on_step_end=momentum_update, on_epoch_end=export, desc="soco")
     export()
     barrier()
     return out / "soco_weights.pth"
@@ -767,8 +761,8 @@ def stage_finetune(args, env) -> dict:
                                 schedule="step", milestones=[int(f * iters) for f in fractions])
     epochs = math.ceil(iters / len(loader))
     train_detector(model, loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args, amp=args.amp,
-                   checkpoint_every=args.checkpoint_every, resume=resume_path(args), log_every=args.log_every,
-                   max_steps=iters, desc="finetune")
+                   checkpoint_every=args.checkpoint_every, resume=resolve_resume(args.resume, out),
+                   log_every=args.log_every, max_steps=iters, desc="finetune")
     test_loader = build_loader(test_set, 2, train=False, workers=args.workers)
     metrics = evaluate_detector(model, test_loader, env.device, metric=evaluation_metric(test_data))
     if is_main():

@@ -100,7 +100,7 @@ from common.data import (build_detection_dataset, build_loader, detection_transf
 from common.detectors import build_detector
 from common.distributed import (all_gather_object, barrier, cleanup, get_world_size, init_distributed, is_main,
                                 seed_everything, wrap_ddp)
-from common.engine import build_scheduler, load_checkpoint, train_detector
+from common.engine import build_scheduler, load_checkpoint, resolve_resume, train_detector
 from common.evaluation import evaluate_predictions, evaluation_metric, predict
 
 IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]  # Fig. 3.2: 0.5, 0.55, ..., 0.95
@@ -165,11 +165,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="'torchvision' (ImageNet IMAGENET1K_V1), 'torchvision:IMAGENET1K_V2' or a checkpoint path")
     system.add_argument("--teacher", default=None, help="checkpoint of a trained teacher: skip its training")
     system.add_argument("--output-dir", default="runs/ssod_certainty")
-    system.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
+    system.add_argument("--resume", default="",
+                        help="'auto': the teacher and the student continue from their checkpoints in --output-dir "
+                             "(a fresh start where there is none); or the path of one of those checkpoints")
     system.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps")
     system.add_argument("--workers", type=int, default=4)
     system.add_argument("--device", default="auto")
-    system.add_argument("--amp", action="store_true")
+    system.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on the CPU)")
     system.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off, as in the paper)")
     system.add_argument("--seed", type=int, default=0)
     system.add_argument("--log-every", type=int, default=20)
@@ -554,7 +556,7 @@ def train_stage(args, env, model, dataset, out_dir: Path, iters: int, loss_fn=No
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, iters, warmup_steps=min(args.warmup_iters, iters),
                                 milestones=(iters * 2 // 3, iters * 8 // 9))  # 120k / 160k of 180k
-    resume = out_dir / "checkpoint.pth" if args.resume and (out_dir / "checkpoint.pth").is_file() else None
+    resume = resolve_resume(args.resume, out_dir, run_dir=args.output_dir)  # teacher/ and student/ of one run
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=math.ceil(iters / len(loader)),
                    max_steps=iters, out_dir=out_dir, args=args, loss_fn=loss_fn, amp=args.amp, clip_grad=args.clip_grad,
                    checkpoint_every=args.checkpoint_every, resume=resume, extra_state=extra_state,

@@ -44,3 +44,23 @@ def run_torchrun(args, nproc=2, timeout=300, cwd=ROOT):
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     return p
+
+
+def record_autocast(monkeypatch, module) -> list:
+    """Wrap `module.train_detector` so that every loss_fn call records the CPU autocast dtype in
+    effect (None when autocast is off): the --amp tests check the script's steps ran in bfloat16."""
+    from common.engine import default_loss
+
+    seen, real = [], module.train_detector
+
+    def train_detector(*args, loss_fn=None, **kwargs):
+        inner = loss_fn or default_loss
+
+        def spy(model, images, targets):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return inner(model, images, targets)
+
+        return real(*args, loss_fn=spy, **kwargs)
+
+    monkeypatch.setattr(module, "train_detector", train_detector)
+    return seen

@@ -15,7 +15,7 @@ from common.synthetic import SyntheticDetection
 from common.detectors import build_classifier
 from common.distributed import init_distributed, seed_everything
 
-from conftest import run_torchrun
+from conftest import record_autocast, run_torchrun
 
 # toy settings shared by the smoke runs: 64-px object images, ResNet-18, a few iterations
 DATA = ["--image-size", "64", "--synthetic-images", "24", "--device", "cpu", "--workers", "0", "--seed", "0"]
@@ -280,6 +280,21 @@ def test_pretrain_resumes_to_the_uninterrupted_weights(pipeline, tmp_path, monke
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
 
 
+def test_amp_pretrain_step_and_pseudo_boxes_on_the_cpu(pipeline, tmp_path, monkeypatch):
+    env = pipeline["env"]
+    dtypes = record_autocast(monkeypatch, dap)
+    dap.pretrain_detector(parse("pretrain", "--out", tmp_path / "det", "--pseudo-boxes", pipeline["boxes"],
+                                "--classifier", pipeline["cls"], "--epochs", 0.2, "--amp", *DET, *DATA), env)
+    assert dtypes == [torch.bfloat16]  # --amp on the CPU: bfloat16 autocast, one step
+    log = json.loads((tmp_path / "det" / "metrics.jsonl").read_text())
+    assert log["step"] == 1 and np.isfinite(log["loss"])
+    boxes = dap.generate_pseudo_boxes(parse("pseudo-boxes", "--out", tmp_path / "boxes", "--classifier",
+                                            pipeline["cls"], "--scales", 64, 128, "--batch-size", 24,
+                                            "--chunk-size", 24, "--amp", *DATA), env)
+    arrays, meta = dap.read_table(boxes)
+    assert meta["num_images"] == 24 and np.isfinite(np.asarray(arrays["boxes"])).all()
+
+
 def test_freeze_backbone_trains_only_fpn_rpn_and_heads(pipeline, tmp_path):
     det = dap.pretrain_detector(parse("pretrain", "--out", tmp_path, "--pseudo-boxes", pipeline["boxes"],
                                       "--classifier", pipeline["cls"], "--epochs", 0.5, "--freeze-backbone",
@@ -361,6 +376,9 @@ def test_bad_inputs_give_clear_errors(pipeline, tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json missing"):
         dap.pretrain_detector(parse("pretrain", "--out", tmp_path, "--pseudo-boxes", tmp_path / "none",
                                     "--classifier", pipeline["cls"], *DET, *DATA), env)
+    with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
+        dap.pretrain_detector(parse("pretrain", "--out", tmp_path, "--pseudo-boxes", pipeline["boxes"], "--classifier",
+                                    pipeline["cls"], "--resume", tmp_path / "nope.pth", *DET, *DATA), env)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         dap.generate_pseudo_boxes(parse("pseudo-boxes", "--out", tmp_path / "b", "--classifier", tmp_path / "no.pth",
                                         *DATA), env)

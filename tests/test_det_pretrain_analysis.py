@@ -11,7 +11,9 @@ from torch import nn
 
 import det_pretrain_analysis as dpa
 from common.detectors import build_classifier, build_detector
-from conftest import run_torchrun
+from common.data import detection_transforms
+from common.distributed import init_distributed
+from conftest import record_autocast, run_torchrun
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +287,26 @@ def test_torchrun_detection_finetuning(nets, tmp_path, root):
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["results"]["detection"]) == {"cls", "det"}
     assert (tmp_path / "detection" / "det" / "checkpoint.pth").is_file()
+
+
+def test_amp_pretraining_step_on_the_cpu_and_resume_paths(tmp_path, monkeypatch):
+    env = init_distributed("cpu")
+    args = dpa.get_args_parser().parse_args(TINY + ["--pretrain-steps", "1", "--amp", "--out", str(tmp_path),
+                                                    "--resume", "auto"])  # nothing to resume yet: fresh
+    data = dpa.det_dataset(args, args.pretrain_split, args.pretrain_data,
+                           detection_transforms(True, args.det_scales, args.det_max_size))
+    dtypes = record_autocast(monkeypatch, dpa)
+    ckpt = dpa.pretrain_detector(args, env, data, tmp_path / "pretrain")
+    assert dtypes == [torch.bfloat16]  # --amp on the CPU: bfloat16 autocast
+    assert torch.load(ckpt, weights_only=True)["step"] == 1
+    args.resume = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
+        dpa.pretrain_detector(args, env, data, tmp_path / "other")
+    args.resume = str(tmp_path.parent / "elsewhere" / "checkpoint.pth")  # a checkpoint of another run
+    (tmp_path.parent / "elsewhere").mkdir(exist_ok=True)
+    torch.save({}, args.resume)
+    with pytest.raises(ValueError, match="several trainings"):
+        dpa.pretrain_detector(args, env, data, tmp_path / "other")
 
 
 def test_closest_and_close_but_distant_pairs():

@@ -1,6 +1,7 @@
 """jigsaw.py: sample extraction, assembly layout, Eq. 1-2, the losses, and smoke runs of every stage
 (pre-training with resume, fine-tuning, scratch, ERF figure, benchmark, 2-process torchrun)."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torchvision.ops import box_iou
 import jigsaw
 from common.synthetic import SyntheticDetection
 
-from conftest import run_torchrun
+from conftest import record_autocast, run_torchrun
 
 
 # --- Sec. 3.1: sample selection -------------------------------------------------------------------
@@ -188,7 +189,7 @@ def _args(out, *extra):
 def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     full = jigsaw.pretrain(_args(tmp_path / "a", "--iters", "4"), _env())
     jigsaw.pretrain(_args(tmp_path / "b", "--iters", "4", "--checkpoint-every", "1"), _env(), max_steps=3)
-    resumed = jigsaw.pretrain(_args(tmp_path / "b", "--iters", "4", "--resume"), _env())
+    resumed = jigsaw.pretrain(_args(tmp_path / "b", "--iters", "4", "--resume", "auto"), _env())
     a, b = torch.load(full, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["step"] == b["step"] == 4
     for k in a["model"]:
@@ -196,6 +197,16 @@ def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     assert torch.equal(a["extra"]["erf"]["weights"], b["extra"]["erf"]["weights"])
     w = a["extra"]["erf"]["weights"]
     assert w.shape == (4, 4) and torch.allclose(w.sum(1), torch.ones(4))
+
+
+def test_amp_pretrain_and_finetune_steps_on_the_cpu(tmp_path, monkeypatch):
+    dtypes = record_autocast(monkeypatch, jigsaw.engine)
+    path = jigsaw.pretrain(_args(tmp_path, "--iters", "1", "--amp", "--resume", "auto"), _env())  # nothing to resume
+    jigsaw.finetune(_args(tmp_path, *DET, "--amp", "--num-images", "4"), _env())  # 1 epoch of 1 step
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # --amp on the CPU: bfloat16 autocast
+    assert torch.load(path, weights_only=True)["step"] == 1
+    log = json.loads((path.parent / "metrics.jsonl").read_text())
+    assert math.isfinite(log["loss"])
 
 
 @pytest.mark.parametrize("strategy", ["blockwise", "global"])
@@ -234,8 +245,8 @@ def test_cli_defaults_are_the_papers():
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="run --stage extract"):
         jigsaw.load_sample_table(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
-        jigsaw.pretrain(_args(tmp_path, "--iters", "2", "--resume"), _env())
+    with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
+        jigsaw.pretrain(_args(tmp_path, "--iters", "2", "--resume", str(tmp_path / "nope.pth")), _env())
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         jigsaw.finetune(_args(tmp_path, *DET, "--weights", str(tmp_path / "missing.pth")), _env())
 

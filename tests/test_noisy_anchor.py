@@ -2,6 +2,7 @@
 plain focal loss when soft labels and re-weighting are off (RetinaNet and RPN), top-N collisions,
 the evaluation helpers, smoke runs (RetinaNet, Faster R-CNN FPN, 2-process torchrun) and resume."""
 import json
+import math
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from torchvision.ops import box_iou, sigmoid_focal_loss
 import noisy_anchor as na
 from common.data import collate_detection, detection_transforms
 from common.synthetic import SyntheticDetection
+from common.distributed import init_distributed
 from common.engine import load_checkpoint
-from conftest import run_torchrun
+from conftest import record_autocast, run_torchrun
 
 TINY = ["--data", "synthetic", "--synthetic-train", "8", "--synthetic-val", "4", "--synthetic-size", "64",
         "--backbone", "resnet18", "--norm", "bn", "--trainable-layers", "5", "--min-size", "64", "--max-size", "64",
@@ -202,6 +204,21 @@ def test_rpn_switched_off_equals_torchvision_and_unit_anchor_iou():
     assert torch.allclose(real, na.paired_iou(coder.decode_single(d, unit), coder.decode_single(t, unit)), atol=1e-5)
 
 
+def test_rpn_loss_is_float32_for_bfloat16_outputs():
+    torch.manual_seed(0)
+    rpn = na.build_model(tiny_args("--arch", "faster_rcnn_fpn"), 8).rpn
+    g = torch.Generator().manual_seed(0)
+    labels = [(torch.rand(500, generator=g) * 3).floor() - 1 for _ in range(2)]
+    objectness, deltas = torch.randn(1000, 1, generator=g), 0.2 * torch.randn(1000, 4, generator=g)
+    reg_targets = [0.2 * torch.randn(500, 4, generator=g) for _ in range(2)]
+    torch.manual_seed(5)
+    ref = rpn.compute_loss(objectness, deltas, labels, reg_targets)
+    torch.manual_seed(5)
+    low = rpn.compute_loss(objectness.bfloat16(), deltas.bfloat16(), labels, reg_targets)  # --amp on the CPU
+    assert all(x.dtype == torch.float32 for x in low)
+    assert all(torch.allclose(a, b, rtol=2e-2) for a, b in zip(ref, low))
+
+
 def test_rpn_soft_loss_runs_and_differs():
     args = tiny_args("--arch", "faster_rcnn_fpn")
     torch.manual_seed(0)
@@ -262,18 +279,33 @@ def test_smoke_faster_rcnn_rpn_recall(tmp_path):
 
 def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
     full = tmp_path / "full"
-    na.main(tiny_args("--iters", "4", "--output-dir", full))
+    na.main(tiny_args("--iters", "4", "--output-dir", full, "--resume", "auto"))  # nothing to resume: fresh
     part = tmp_path / "part"
     real = na.train_detector
     monkeypatch.setattr(na, "train_detector", lambda *a, **k: real(*a, **{**k, "max_steps": 2}))
     na.main(tiny_args("--iters", "4", "--output-dir", part))  # "interrupted" after 2 steps
     assert load_checkpoint(part / "checkpoint.pth")["step"] == 2
     monkeypatch.setattr(na, "train_detector", real)
-    na.main(tiny_args("--iters", "4", "--output-dir", part, "--resume"))
+    na.main(tiny_args("--iters", "4", "--output-dir", part, "--resume", "auto"))
     a, b = load_checkpoint(full / "checkpoint.pth"), load_checkpoint(part / "checkpoint.pth")
     assert b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
+        na.main(tiny_args("--iters", "4", "--output-dir", part, "--resume", tmp_path / "nope.pth"))
+
+
+def test_amp_train_step_on_the_cpu(tmp_path, monkeypatch):
+    # --amp on the CPU is bfloat16 autocast: the NoisyAnchor loss takes the head's bfloat16 outputs
+    # and computes in float32 (indexing float32 c / r into them crashed before)
+    args = tiny_args("--iters", "1", "--amp", "--output-dir", tmp_path)
+    train_set, _ = na.build_datasets(args)
+    dtypes = record_autocast(monkeypatch, na)
+    na.train(args, init_distributed("cpu"), na.build_model(args, len(train_set.classes)), train_set, tmp_path)
+    assert dtypes == [torch.bfloat16]
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
+    log = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert log["step"] == 1 and math.isfinite(log["loss"])
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -1,6 +1,7 @@
 """soco.py: views keep the same objects, level assignment, Eq. 5-6, the momentum schedule, LARS
 groups, transfer into the detector, the proposal table, and smoke runs of every stage (pre-training
 with exact resume, fine-tuning, the demo, 2-process torchrun)."""
+import json
 import math
 import pickle
 
@@ -15,7 +16,7 @@ from common.distributed import init_distributed
 from common.engine import load_checkpoint
 from common.synthetic import SyntheticDetection
 
-from conftest import run_torchrun
+from conftest import record_autocast, run_torchrun
 
 TINY = ["--backbone", "resnet18", "--synthetic-images", "8", "--image-size", "64", "--view-size", "64",
         "--v3-size", "32", "--batch-size", "4", "--proj-hidden", "64", "--workers", "0", "--device", "cpu",
@@ -303,6 +304,18 @@ def test_pretrain_resumes_exactly_and_writes_transferable_weights(tmp_path, prop
         assert torch.equal(a["model"][k], b["model"][k]), k
     w = load_checkpoint(tmp_path / "full" / "soco_weights.pth")["model"]
     assert any(k.startswith("backbone.fpn.") for k in w) and any(k.startswith("roi_heads.box_head.") for k in w)
+
+
+def test_amp_pretrain_step_on_the_cpu_and_a_missing_resume_path(tmp_path, proposals, monkeypatch):
+    env = init_distributed("cpu")
+    dtypes = record_autocast(monkeypatch, soco)
+    soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--max-steps", 1, "--amp", "--out", tmp_path), env)
+    assert dtypes == [torch.bfloat16]  # --amp on the CPU: bfloat16 autocast
+    log = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert log["step"] == 1 and math.isfinite(log["loss"])
+    with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
+        soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--out", tmp_path, "--resume", tmp_path / "nope.pth"),
+                            env)
 
 
 @pytest.mark.parametrize("flags", [["--arch", "c4"], ["--star", "--proposals-kind", "random", "--no-scale-aware"],

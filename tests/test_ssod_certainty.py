@@ -14,8 +14,9 @@ from torch import nn
 import ssod_certainty as sc
 from common.data import detection_transforms, fraction_split
 from common.synthetic import SyntheticDetection
+from common.distributed import init_distributed
 from common.engine import load_checkpoint
-from conftest import run_torchrun
+from conftest import record_autocast, run_torchrun
 
 TINY = ["--data", "synthetic", "--synthetic-train", "20", "--synthetic-val", "4", "--synthetic-size", "64",
         "--labeled-fraction", "0.2", "--long-tail", "5", "--backbone", "resnet18", "--norm", "bn",
@@ -321,13 +322,33 @@ def test_resume_student_with_class_statistics(tmp_path, monkeypatch):
     sc.main(tiny_args(*flags, "--output-dir", part))  # the student "interrupted" after 2 of 4 steps
     assert load_checkpoint(part / "student" / "checkpoint.pth")["step"] == 2
     monkeypatch.setattr(sc, "train_detector", real)
-    sc.main(tiny_args(*flags, "--output-dir", part, "--resume"))
+    sc.main(tiny_args(*flags, "--output-dir", part, "--resume", part / "student" / "checkpoint.pth"))
     a, b = load_checkpoint(full / "student" / "checkpoint.pth"), load_checkpoint(part / "student" / "checkpoint.pth")
     assert b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in ("score_sums", "counts"):
         assert torch.equal(a["extra"]["class_stats"][k], b["extra"]["class_stats"][k]), k
+    # the teacher continued from its own (finished) checkpoint: trained once, logged once
+    assert [json.loads(l)["step"] for l in (part / "teacher" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
+        sc.main(tiny_args(*flags, "--output-dir", part, "--resume", tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match=r"several trainings.*under .*part"):  # not a checkpoint of this run
+        sc.main(tiny_args(*flags, "--output-dir", part, "--resume", full / "student" / "checkpoint.pth"))
+
+
+def test_amp_teacher_and_student_steps_on_the_cpu(tmp_path, monkeypatch):
+    args = tiny_args("--teacher-iters", "1", "--student-iters", "1", "--amp", "--output-dir", tmp_path)
+    env = init_distributed("cpu")
+    labeled, unlabeled, _ = sc.build_datasets(args)
+    dtypes = record_autocast(monkeypatch, sc)
+    teacher = sc.train_teacher(args, env, len(labeled.classes), labeled, tmp_path / "teacher")
+    sc.train_student(args, env, teacher, labeled, unlabeled, tmp_path / "student")
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # --amp on the CPU: bfloat16 autocast
+    for stage in ("teacher", "student"):
+        assert load_checkpoint(tmp_path / stage / "checkpoint.pth")["step"] == 1
+        log = json.loads((tmp_path / stage / "metrics.jsonl").read_text())
+        assert all(math.isfinite(v) for k, v in log.items() if k.startswith("loss")), log
 
 
 def test_torchrun_two_processes(tmp_path):
