@@ -291,8 +291,8 @@ def test_amp_pretrain_step_and_pseudo_boxes_on_the_cpu(pipeline, tmp_path, monke
     boxes = dap.generate_pseudo_boxes(parse("pseudo-boxes", "--out", tmp_path / "boxes", "--classifier",
                                             pipeline["cls"], "--scales", 64, 128, "--batch-size", 24,
                                             "--chunk-size", 24, "--amp", *DATA), env)
-    arrays, meta = dap.read_table(boxes)
-    assert meta["num_images"] == 24 and np.isfinite(np.asarray(arrays["boxes"])).all()
+    table = dap.pseudo_box_table(boxes)
+    assert table.meta["num_images"] == 24 and np.isfinite(np.asarray(table.arrays["boxes"])).all()
 
 
 def test_freeze_backbone_trains_only_fpn_rpn_and_heads(pipeline, tmp_path):
