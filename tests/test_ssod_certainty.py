@@ -405,7 +405,7 @@ def test_voc2007_is_scored_as_detectron2_with_difficult_objects_ignored(tmp_path
     from common.evaluation import evaluation_metric
     from common.synthetic import export_voc
 
-    root = export_voc(SyntheticDetection(4, 64, seed=4), tmp_path, "test")  # 2 difficult objects, in image 0
+    root = export_voc(SyntheticDetection(4, 64, seed=4, difficulty="hard"), tmp_path, "test")  # 2 difficult, in image 0
     val = VOCDetection(root, "test", detection_transforms(False), classes=SyntheticDetection.classes)
     assert sum(int(val.annotations(i)["difficult"].sum()) for i in range(4)) == 2
     rare = sorted({int(c) for c in val.annotations(0)["labels"][val.annotations(0)["difficult"]]})

@@ -163,10 +163,10 @@ def test_demo_detector_keeps_torchvision_names_and_loads_a_classifier():
 
 def test_classifier_learns_far_above_chance_in_a_few_steps(tmp_path):
     torch.manual_seed(0)
-    train = SyntheticDetection(400, 48, mode="object", seed=1, cache=tmp_path).classification()
-    test = SyntheticDetection(200, 48, mode="object", seed=2, cache=tmp_path).classification()
+    train = SyntheticDetection(600, 64, mode="object", seed=1, cache=tmp_path).classification()
+    test = SyntheticDetection(200, 64, mode="object", seed=2, cache=tmp_path).classification()
     model = build_classifier("resnet18", len(SHAPES), norm="bn")
-    train_demo_classifier(model, train, steps=60, seed=0, log=None)
+    train_demo_classifier(model, train, steps=120, seed=0, log=None)
     assert evaluate_demo_classifier(model, test) > 0.35  # chance is 0.125
 
 
