@@ -141,19 +141,6 @@ def write_demo_result(out_dir, script: str, seed: int, wall_s: float, claims: li
     return path
 
 
-class Stopwatch:
-    """Wall time of a demo: `with Stopwatch() as t: ...; t.seconds`."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        return False
-
-
 # --------------------------------------------------------------------------------------------
 # Train and evaluate at the recipe (one process, no checkpoints: the benchmark and the demos'
 # comparisons; the methods' own stages use their scripts' loops)

@@ -443,7 +443,6 @@ class RenderCache:
             layout = dataset._layout(i)
             images[i] = dataset._paint(i, layout)
             ann = dataset._annotations(*layout, masks=True)
-            instances[i] = 0
             for k, m in enumerate(ann["masks"]):
                 instances[i][m] = k + 1
             boxes.append(ann["boxes"]), labels.append(ann["labels"]), difficult.append(ann["difficult"])
