@@ -87,6 +87,7 @@ import copy
 import hashlib
 import math
 import os
+import re
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -115,11 +116,11 @@ from common.demo import (DEMO_BOX_HEAD, DEMO_RECIPE, build_demo_detector, claim,
 from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
-from common.engine import JsonlLogger, build_scheduler, resolve_resume, save_checkpoint, train_detector
+from common.engine import JsonlLogger, build_scheduler, load_checkpoint, resolve_resume, save_checkpoint, train_detector
 from common.evaluation import evaluate_detector, evaluation_metric
 from common.table import RaggedTable
 
-STAGES = ("pretrain", "proposals", "finetune")
+STAGES = ("pretrain", "proposals", "finetune", "export")
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
 
 
@@ -130,7 +131,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SoCo", description="Selective Object COntrastive learning (SoCo, SoCo*)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("stage", nargs="?", default="pretrain", choices=STAGES,
-                   help="proposals (offline, once) -> pretrain (default) -> finetune")
+                   help="proposals (offline, once) -> pretrain (default) -> finetune, or export (for Detectron2 / MMDetection)")
     p.add_argument("--demo", action="store_true",
                    help="SoCo vs random init (and image-level BYOL) in low-data fine-tuning on synthetic data, CPU; "
                         "writes --out/demo.json")
@@ -206,6 +207,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--anchor-sizes", type=int, nargs="+", default=None, help="default torchvision's 32..512")
     f.add_argument("--box-batch-per-image", type=int, default=512, help="sampled RoIs per image (detectron2's 512)")
     f.add_argument("--test-proposals", type=int, default=1000, help="RPN boxes kept per test image (detectron2's 1000)")
+
+    e = p.add_argument_group("export (the release's converters)")
+    e.add_argument("--to", default="detectron2", choices=("detectron2", "mmdet"),
+                   help="write --weights under Detectron2's (.pkl) or MMDetection's (.pth) key names to --out")
 
     g = p.add_argument_group("system")
     g.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder root (its train/ is used)")
@@ -898,6 +903,96 @@ def stage_finetune(args, env) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Export: the pre-trained backbone, FPN and box head under Detectron2's / MMDetection's names
+# --------------------------------------------------------------------------------------------
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key, n = re.subn(pattern, repl, key)
+        if n:
+            return key
+    raise KeyError(key)
+
+
+def _resnet_rules(prefix_in: str, prefix_out: str, stages: str, last: str = "") -> list:
+    """torchvision ResNet names (conv1, bn1, layerN.b.convJ / bnJ / downsample.0-1) -> Detectron2's
+    (stem.conv1(.norm), resN+1.b.convJ(.norm), shortcut(.norm)); `last` names the res5 prefix of C4."""
+    p, q = re.escape(prefix_in), prefix_out
+    stage = f"(layer[{stages}])"
+    res = lambda m: f"res{int(m[1][-1]) + 1}"  # noqa: E731
+    rules = [(rf"^{p}conv1\.weight$", f"{q}stem.conv1.weight"), (rf"^{p}bn1\.(\w+)$", rf"{q}stem.conv1.norm.\1")]
+    for src, dst in ((r"conv(\d)\.weight", r"conv\3.weight"), (r"bn(\d)\.(\w+)", r"conv\3.norm.\4"),
+                     (r"downsample\.0\.weight", r"shortcut.weight"), (r"downsample\.1\.(\w+)", r"shortcut.norm.\3")):
+        rules.append((rf"^{p}{stage}\.(\d+)\.{src}$",
+                      lambda m, dst=dst: q + res(m) + "." + m.expand(r"\2." + dst)))
+    if last:
+        for src, dst in ((r"conv(\d)\.weight", r"conv\2.weight"), (r"bn(\d)\.(\w+)", r"conv\2.norm.\3"),
+                         (r"downsample\.0\.weight", r"shortcut.weight"), (r"downsample\.1\.(\w+)", r"shortcut.norm.\2")):
+            rules.append((rf"^roi_heads\.box_head\.layer4\.(\d+)\.{src}$", lambda m, dst=dst: last + m.expand(r"\1." + dst)))
+    return rules
+
+
+def detectron2_state_dict(sd: dict) -> dict:
+    """`transfer_state_dict`'s names -> Detectron2's: Mask / Faster R-CNN R50-FPN (backbone.bottom_up.*,
+    backbone.fpn_lateral2-5 / fpn_output2-5, roi_heads.box_head.conv1-4(.norm) + fc1; fc1-2 for 2mlp)
+    or R50-C4 (backbone.stem / res2-4, roi_heads.res5). What the release's convert_detectron2_Head.py /
+    _C4.py write, under the full model names (no matching heuristics needed); BN's num_batches_tracked
+    is left out, as in Detectron2's model zoo."""
+    c4 = any(k.startswith("roi_heads.box_head.layer4.") for k in sd)
+    if c4:
+        rules = _resnet_rules("backbone.body.", "backbone.", "123", last="roi_heads.res5.")
+    else:
+        rules = _resnet_rules("backbone.body.", "backbone.bottom_up.", "1234") + [
+            (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(weight|bias)$", lambda m: f"backbone.fpn_lateral{int(m[1]) + 2}.{m[2]}"),
+            (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(weight|bias)$", lambda m: f"backbone.fpn_output{int(m[1]) + 2}.{m[2]}"),
+            (r"^roi_heads\.box_head\.([0-3])\.0\.weight$", lambda m: f"roi_heads.box_head.conv{int(m[1]) + 1}.weight"),
+            (r"^roi_heads\.box_head\.([0-3])\.1\.(\w+)$", lambda m: f"roi_heads.box_head.conv{int(m[1]) + 1}.norm.{m[2]}"),
+            (r"^roi_heads\.box_head\.5\.(weight|bias)$", r"roi_heads.box_head.fc1.\1"),
+            (r"^roi_heads\.box_head\.fc([67])\.(weight|bias)$", lambda m: f"roi_heads.box_head.fc{int(m[1]) - 5}.{m[2]}")]
+    return {_rename(k, rules): v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+def mmdet_state_dict(sd: dict) -> dict:
+    """`transfer_state_dict`'s names -> MMDetection's: ResNet as backbone.* (its names are
+    torchvision's), FPN as neck.lateral_convs.i.conv / neck.fpn_convs.i.conv, the 4conv1fc head as
+    roi_head.bbox_head.shared_convs.i.conv / .bn + shared_fcs.0 (Shared4Conv1FCBBoxHead; 2mlp:
+    shared_fcs.0-1), C4's res5 as roi_head.shared_head.layer4.* (ResLayer): what the release's
+    convert_mmdetection_*.py write."""
+    rules = [(r"^backbone\.body\.(.*)$", r"backbone.\1"),
+             (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(weight|bias)$", r"neck.lateral_convs.\1.conv.\2"),
+             (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(weight|bias)$", r"neck.fpn_convs.\1.conv.\2"),
+             (r"^roi_heads\.box_head\.([0-3])\.0\.weight$", r"roi_head.bbox_head.shared_convs.\1.conv.weight"),
+             (r"^roi_heads\.box_head\.([0-3])\.1\.(\w+)$", r"roi_head.bbox_head.shared_convs.\1.bn.\2"),
+             (r"^roi_heads\.box_head\.5\.(weight|bias)$", r"roi_head.bbox_head.shared_fcs.0.\1"),
+             (r"^roi_heads\.box_head\.fc([67])\.(weight|bias)$", lambda m: f"roi_head.bbox_head.shared_fcs.{int(m[1]) - 6}.{m[2]}"),
+             (r"^roi_heads\.box_head\.layer4\.(.*)$", r"roi_head.shared_head.layer4.\1")]
+    return {_rename(k, rules): v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+def stage_export(args) -> Path:
+    """--weights (soco_weights.pth) -> --out: Detectron2 (pickle {"model": numpy arrays, "__author__",
+    "matching_heuristics": False}; config: RESNETS.STRIDE_IN_1X1 False, INPUT.FORMAT RGB, torchvision's
+    PIXEL_MEAN / STD, FPN.NORM "", ROI_BOX_HEAD 4 conv + 1 fc with NORM SyncBN, POOLER_TYPE ROIAlignV2,
+    as the release's configs) or MMDetection (torch.save {"state_dict", "meta"}; ResNet style pytorch)."""
+    import pickle
+
+    if not args.weights:
+        raise ValueError("export needs --weights (a soco_weights.pth written by pre-training)")
+    sd = load_checkpoint(args.weights)["model"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    if args.to == "detectron2":
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in detectron2_state_dict(sd).items()}, "__author__": "soco.py",
+                         "matching_heuristics": False}, f)
+    else:
+        torch.save({"state_dict": mmdet_state_dict(sd), "meta": {"source": str(args.weights)}}, tmp)
+    os.replace(tmp, out)
+    print(f"wrote {out} ({args.to} names) from {args.weights}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Demo: SoCo vs random init in low-data fine-tuning (Tab. 8's regime), synthetic images, CPU
 # --------------------------------------------------------------------------------------------
 # CHOICE (demo only, to fit a few CPU minutes; common.demo's recipe for the detector):
@@ -984,6 +1079,9 @@ def main(args) -> None:
         run_demo(args, env)
     elif args.stage == "proposals":
         stage_proposals(args)
+        return
+    elif args.stage == "export":
+        stage_export(args)
         return
     else:
         env = init_distributed(args.device)

@@ -354,6 +354,97 @@ def test_encoder_pools_each_box_from_its_level():
         assert torch.allclose(h[i], ref.mean((2, 3))[0], atol=1e-5)
 
 
+# --- export (Detectron2 / MMDetection) -------------------------------------------------------------
+def _r50_blocks():
+    """(stage 2-5, block, in, width, out) of ResNet-50's bottlenecks."""
+    for s, n in zip(range(2, 6), (3, 4, 6, 3)):
+        w = 64 * 2 ** (s - 2)
+        for b in range(n):
+            yield s, b, (64 if s == 2 else 2 * w) if b == 0 else 4 * w, w, 4 * w
+
+
+def _norm(prefix, c):
+    return {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")}
+
+
+def detectron2_r50_fpn_layout():
+    """Detectron2's R50-FPN Mask R-CNN key names and shapes (ResNet BottleneckBlock convK + .norm,
+    shortcut; FPN fpn_lateralN / fpn_outputN with bias (FPN.NORM ""); FastRCNNConvFCHead conv1-4 with
+    norm, no bias, then fc1 of 1024) for the tensors SoCo pre-trains."""
+    out = {"backbone.bottom_up.stem.conv1.weight": (64, 3, 7, 7), **_norm("backbone.bottom_up.stem.conv1.norm", 64)}
+    for s, b, cin, w, cout in _r50_blocks():
+        p = f"backbone.bottom_up.res{s}.{b}"
+        for j, shape in ((1, (w, cin, 1, 1)), (2, (w, w, 3, 3)), (3, (cout, w, 1, 1))):
+            out[f"{p}.conv{j}.weight"] = shape
+            out.update(_norm(f"{p}.conv{j}.norm", shape[0]))
+        if b == 0:
+            out[f"{p}.shortcut.weight"] = (cout, cin, 1, 1)
+            out.update(_norm(f"{p}.shortcut.norm", cout))
+    for s, c in zip(range(2, 6), (256, 512, 1024, 2048)):
+        out.update({f"backbone.fpn_lateral{s}.weight": (256, c, 1, 1), f"backbone.fpn_lateral{s}.bias": (256,),
+                    f"backbone.fpn_output{s}.weight": (256, 256, 3, 3), f"backbone.fpn_output{s}.bias": (256,)})
+    for i in range(1, 5):
+        out[f"roi_heads.box_head.conv{i}.weight"] = (256, 256, 3, 3)
+        out.update(_norm(f"roi_heads.box_head.conv{i}.norm", 256))
+    out.update({"roi_heads.box_head.fc1.weight": (1024, 256 * 7 * 7), "roi_heads.box_head.fc1.bias": (1024,)})
+    return out
+
+
+def mmdet_r50_fpn_layout():
+    """MMDetection's: ResNet (style pytorch) conv1 / bn1 / layerN.b.convJ / bnJ / downsample.0-1; FPN
+    neck.lateral_convs.i.conv / neck.fpn_convs.i.conv (ConvModule, bias); Shared4Conv1FCBBoxHead
+    shared_convs.i.conv (no bias) + .bn, shared_fcs.0."""
+    out = {"backbone.conv1.weight": (64, 3, 7, 7), **_norm("backbone.bn1", 64)}
+    for s, b, cin, w, cout in _r50_blocks():
+        p = f"backbone.layer{s - 1}.{b}"
+        for j, shape in ((1, (w, cin, 1, 1)), (2, (w, w, 3, 3)), (3, (cout, w, 1, 1))):
+            out[f"{p}.conv{j}.weight"] = shape
+            out.update(_norm(f"{p}.bn{j}", shape[0]))
+        if b == 0:
+            out[f"{p}.downsample.0.weight"] = (cout, cin, 1, 1)
+            out.update(_norm(f"{p}.downsample.1", cout))
+    for i, c in enumerate((256, 512, 1024, 2048)):
+        out.update({f"neck.lateral_convs.{i}.conv.weight": (256, c, 1, 1), f"neck.lateral_convs.{i}.conv.bias": (256,),
+                    f"neck.fpn_convs.{i}.conv.weight": (256, 256, 3, 3), f"neck.fpn_convs.{i}.conv.bias": (256,)})
+    for i in range(4):
+        out[f"roi_head.bbox_head.shared_convs.{i}.conv.weight"] = (256, 256, 3, 3)
+        out.update(_norm(f"roi_head.bbox_head.shared_convs.{i}.bn", 256))
+    out.update({"roi_head.bbox_head.shared_fcs.0.weight": (1024, 256 * 7 * 7), "roi_head.bbox_head.shared_fcs.0.bias": (1024,)})
+    return out
+
+
+def test_export_writes_detectron2_and_mmdetection_layouts(tmp_path):
+    model = soco.SoCo("fpn", "resnet50", proj_hidden=32)
+    weights = tmp_path / "soco_weights.pth"
+    torch.save({"model": soco.transfer_state_dict(model)}, weights)
+    d2 = soco.stage_export(parse("export", "--to", "detectron2", "--weights", weights, "--out", tmp_path / "d2.pkl"))
+    with open(d2, "rb") as f:
+        blob = pickle.load(f)
+    assert blob["matching_heuristics"] is False and isinstance(blob["__author__"], str)
+    assert {k: tuple(v.shape) for k, v in blob["model"].items()} == detectron2_r50_fpn_layout()
+    assert isinstance(blob["model"]["backbone.fpn_lateral2.weight"], np.ndarray)
+    enc = model.online["encoder"].state_dict()
+    assert np.array_equal(blob["model"]["backbone.bottom_up.res4.5.conv2.norm.running_var"],
+                          enc["backbone.body.layer3.5.bn2.running_var"].numpy())
+    assert np.array_equal(blob["model"]["roi_heads.box_head.conv3.weight"], enc["box_head.2.0.weight"].numpy())
+    mm = soco.stage_export(parse("export", "--to", "mmdet", "--weights", weights, "--out", tmp_path / "mm.pth"))
+    state = torch.load(mm, weights_only=True)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in state.items()} == mmdet_r50_fpn_layout()
+    assert torch.equal(state["neck.fpn_convs.3.conv.weight"], enc["backbone.fpn.layer_blocks.3.0.weight"])
+    assert torch.equal(state["roi_head.bbox_head.shared_fcs.0.weight"], enc["box_head.5.weight"])
+    # C4: Detectron2's backbone.stem / res2-4 and roi_heads.res5; MMDetection's roi_head.shared_head.layer4
+    c4 = soco.transfer_state_dict(soco.SoCo("c4", "resnet50", proj_hidden=32))
+    names = set(soco.detectron2_state_dict(c4))
+    want = {k.replace("backbone.bottom_up.", "backbone.").replace("backbone.res5.", "roi_heads.res5.")
+            for k in detectron2_r50_fpn_layout() if k.startswith("backbone.bottom_up.")}
+    assert names == want
+    mm4 = set(soco.mmdet_state_dict(c4))
+    assert mm4 == {k.replace("backbone.layer4.", "roi_head.shared_head.layer4.") for k in mmdet_r50_fpn_layout()
+                   if k.startswith("backbone.")}
+    with pytest.raises(ValueError, match="--weights"):
+        soco.stage_export(parse("export", "--out", tmp_path / "x.pkl"))
+
+
 # --- smoke runs -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def proposals(tmp_path_factory):
