@@ -221,6 +221,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=128, help="side of synthetic images")
     g.add_argument("--out", default="runs/soco/pretrain", help="output folder")
     g.add_argument("--workers", type=int, default=8, help="data-loading workers per rank")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="gradient accumulation: micro-batches per update (2 on 8 GPUs = the release's 128 per GPU)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--amp", action="store_true",
                    help="mixed precision (Sec. 4.1 setting): float16 on CUDA, bfloat16 on the CPU")
@@ -798,8 +800,12 @@ def stage_pretrain(args, env) -> Path:
         raise ValueError(f"proposal table {args.proposals} was made for {table.meta.get('source')}, "
                          f"not for --data {args.data} ({source_fingerprint(source)})")
     dataset = SoCoViews(source, table, args)
-    # --batch-size is the paper's global batch; per rank = batch / world; lr = base-lr x batch / 256
-    per_rank = args.batch_size // env.world_size
+    # --batch-size is the paper's global batch; per rank and micro-batch = batch / (world x accum-steps);
+    # lr = base-lr x batch / 256. Accumulated micro-batches keep the update, not BN's batch statistics.
+    if args.batch_size % (env.world_size * args.accum_steps):
+        raise ValueError(f"--batch-size {args.batch_size} does not split into {env.world_size} ranks x "
+                         f"--accum-steps {args.accum_steps} equal micro-batches")
+    per_rank = args.batch_size // (env.world_size * args.accum_steps)
     lr = args.base_lr * args.batch_size / 256
     loader = build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
                           collate_fn=default_collate, group_by_aspect_ratio=False)
@@ -809,8 +815,9 @@ def stage_pretrain(args, env) -> Path:
     # SyncBN on more than one GPU (Sec. 4.1); PyTorch has no SyncBN on the CPU, where BN stays per rank
     model = wrap_ddp(model, env, sync_bn=env.distributed and env.device.type == "cuda")
     optimizer = build_optimizer(unwrap(model), lr, args.weight_decay, args.lars_momentum, args.trust_coeff)
-    total = args.epochs * len(loader)
-    scheduler = build_scheduler(optimizer, total, warmup_steps=int(args.warmup_epochs * len(loader)),
+    steps_per_epoch = math.ceil(len(loader) / args.accum_steps)  # updates
+    total = args.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total, warmup_steps=int(args.warmup_epochs * steps_per_epoch),
                                 warmup_factor=0.01, schedule="cosine")
 
     def momentum_update(step: int) -> None:  # after each optimizer step; step counts finished steps
@@ -820,12 +827,13 @@ def stage_pretrain(args, env) -> Path:
         save_checkpoint(out / "soco_weights.pth", {"model": transfer_state_dict(model), "args": vars(args)})
 
     if is_main():
-        print(f"SoCo pre-training: {len(dataset)} images, {len(loader)} steps/epoch x {args.epochs} epochs, "
-              f"batch {args.batch_size} ({per_rank}/rank x {env.world_size}), lr {lr:g}, K={dataset.k}")
+        print(f"SoCo pre-training: {len(dataset)} images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
+              f"batch {args.batch_size} ({per_rank}/rank x {env.world_size} x {args.accum_steps} accumulated), "
+              f"lr {lr:g}, K={dataset.k}")
     train_detector(model, loader, optimizer, scheduler, epochs=args.epochs, out_dir=out, args=args,
                    loss_fn=soco_step, amp=args.amp, checkpoint_every=args.checkpoint_every,
                    resume=resolve_resume(args.resume, out), log_every=args.log_every, max_steps=args.max_steps,
-                   on_step_end=momentum_update, on_epoch_end=export, desc="soco")
+                   on_step_end=momentum_update, on_epoch_end=export, desc="soco", accumulate=args.accum_steps)
     export()
     barrier()
     return out / "soco_weights.pth"

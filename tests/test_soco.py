@@ -555,3 +555,13 @@ def test_views_dataset_pickles_without_the_proposal_arrays(tmp_path):
     blob = pickle.dumps(ds)
     assert len(blob) < 20_000, len(blob)  # the boxes alone are 80 KB
     assert pickle.loads(blob).proposals[5]["boxes"].tolist() == boxes[5].tolist()
+
+
+def test_pretrain_accumulates_gradients_to_the_global_batch(tmp_path, proposals, capsys):
+    env = init_distributed("cpu")
+    soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--accum-steps", 2, "--epochs", 1, "--out", tmp_path), env)
+    out = capsys.readouterr().out
+    assert "2 steps/epoch" in out and "2/rank x 1 x 2 accumulated" in out
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 2  # 8 images: 4 micro-batches of 2, 2 updates of 4
+    with pytest.raises(ValueError, match="--accum-steps 3"):
+        soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--accum-steps", 3, "--out", tmp_path / "x"), env)
