@@ -9,7 +9,8 @@ BYOL-style (online network + predictor against an EMA target network). Three sta
 
     proposals  Sec. 3.2  selective search + filter, once, offline       (stage_proposals)
     pretrain   Sec. 3-4.1  SoCo / SoCo* (the default stage)              (stage_pretrain)
-    finetune   Sec. 4.2  transfer into Faster R-CNN FPN (4conv1fc) / C4   (stage_finetune)
+    finetune   Sec. 4.2  transfer into Mask R-CNN FPN (4conv1fc) / C4    (stage_finetune)
+    export     the pre-trained weights under Detectron2's / MMDetection's names  (stage_export)
 
 Equations -> functions (pure, tensors in and out):
     Sec. 3.2 proposal filter (1/3 <= w/h <= 3, 0.3 <= sqrt(wh/WH) <= 0.8)   filter_proposals
@@ -27,6 +28,9 @@ CHOICE (the paper is silent):
 - K proposals are drawn (without replacement, padded by repeats) among those that overlap the
   region every crop shares (V2; also V3/V4 when they are independent crops) and clipped to each
   crop; if none overlaps, that shared region is the box (released code: the whole view).
+- V2 (and V4, and an independent V3) is cropped from the image itself and resized, as the release
+  does ("a random crop ... on V1" reads either way; a crop of the 224-px V1 would be up-sampled).
+  The crop scale is 0.5-1 (Sec. 3.2; the release's FPN) or, for `--arch c4`, the release's 0.6-1.
 - Box jitter is applied to V1's boxes only (released code); r is drawn per coordinate.
 - Without scale-aware assignment (`--no-scale-aware`, Tab. 4) a box goes to the level of the FPN
   paper's rule k = floor(4 + log2(sqrt(wh) / 224)), the one torchvision's detectors use.
@@ -41,14 +45,25 @@ CHOICE (the paper is silent):
   AP, difficult objects ignored, the 11-point metric, AP the mean over IoU 0.50:0.95;
   `common.evaluation.evaluation_metric` picks it from --det-data).
 - Level thresholds scale with `--view-size` / 224 (V1's side; one set of thresholds for every
-  view, so V3's boxes still drop a level), as does the blur kernel (23 px at 224, BYOL): a
-  small-view run (the demo's 112 px) keeps the paper's relative assignment.
+  view, so V3's boxes still drop a level), as do the blur's sigma (0.1-2.0 at 224, BYOL's and the
+  release's, the same in every view as the release's V3) and kernel (23 px): a small-view run (the
+  demo's 64 px) keeps the paper's relative assignment and blur.
+- In-box cutout (the release's RandomCutoutInBbox: per box with probability p a zeroed square of
+  0.1-0.3 of its area on V2/V3, after normalisation) is not in the paper and off by default; the
+  release's 100-epoch FPN and both C4 recipes use it: `--cutout-prob 0.5` (its 400-epoch FPN / FPN*
+  recipes do not).
+- Fine-tuning pools RoIs with aligned=True and pre-training's sampling ratio (`--roi-sampling-ratio`,
+  0 = adaptive: Detectron2's ROIAlignV2, the release's fine-tuning pooler; torchvision's detectors
+  pool with aligned=False), box and mask heads alike.
+- `--accum-steps n` accumulates n micro-batches per update: the paper's 2048 ran as 16 V100 x 128
+  (the release's per-GPU batch); on 8 GPUs `--accum-steps 2` keeps 128 per GPU (256 per GPU needs
+  about twice the activation memory, not measured here: no GPU). BN (SyncBN) then normalises over
+  8 x 128, not 2048.
 - Proposals are stored as whole pixels (uint16) without repeated boxes; `--ss-max-side` (off)
   runs selective search on a downscaled copy for speed.
 - SyncBN (Sec. 4.1) is used on more than one GPU; PyTorch has no SyncBN on the CPU, where a
   multi-process run keeps per-rank BN statistics.
-- The demo (`DEMO`, `run_demo`) shrinks everything to fit a few CPU minutes: ResNet-18, 112-px
-  views, 2 epochs over 256 synthetic images, and a 10%-labelled fine-tune of 60 steps.
+- The demo (`DEMO`, `run_demo`) shrinks everything to fit CPU minutes (its own CHOICE block).
 
 Released-code facts followed (IMPLEMENTATION_NOTES.md, SoCo): RoIAlign 7x7 aligned=True; head
 4 x (conv 3x3 256 + BN + ReLU) + fc 1024; projector 1024 -> 4096 (BN, ReLU) -> 256, predictor
@@ -61,8 +76,8 @@ neither weight decay nor adaptation (timm's Lars + its weight-decay groups); war
 DEVIATION (we differ from the paper or the released code):
 - The FPN has no normalisation (the released code and its detectron2 configs put (Sync)BN in the
   FPN): ours is torchvision's FPN, the one `common.detectors` builds, so every FPN tensor transfers.
-- Transfer goes into Faster R-CNN (box AP); the project's metrics have no mask AP, so the
-  Mask R-CNN mask AP of Tables 1-2, 8 is not reported.
+- Transfer goes into Mask R-CNN R50-FPN with the 4conv1fc head (Tab. 1-2; trained on COCO's masks),
+  but only its box AP is reported: the project's metrics have no mask AP (AP^mk of Tables 1-2, 8).
 - Selective search is OpenCV-contrib's implementation of Uijlings et al. (fast mode by default;
   `--ss-mode quality` for the slower one) instead of the released single-strategy Python port.
 - `--v3-crop independent` (off by default) reproduces the released code's independent 112 crop;
@@ -75,8 +90,11 @@ Full-scale commands (ImageNet-1k as /data/imagenet/train/<class>/*.JPEG, COCO 20
     torchrun --nproc_per_node 8 soco.py finetune --weights runs/soco/fpn_400ep/soco_weights.pth \\
         --det-data /data/coco --schedule 1x --out runs/soco/coco_1x             # --fraction 0.05: Tab. 8
     # R50-C4 (Tab. 2-3): --arch c4 for pretrain, --det-arch faster_rcnn_c4 --schedule voc for VOC
-CPU demo (synthetic images; proposals, short pre-training, low-data fine-tune vs random init):
-    python soco.py --demo
+    # the release's 100-epoch FPN / C4 recipes also add --cutout-prob 0.5; 8 GPUs: --accum-steps 2
+    python soco.py export --to detectron2 --weights runs/soco/fpn_400ep/soco_weights.pth --out soco_d2.pkl
+    python soco.py export --to mmdet --weights runs/soco/fpn_400ep/soco_weights.pth --out soco_mmdet.pth
+CPU demo (SoCo vs random init, and image-level BYOL, in low-data fine-tuning; writes OUT/demo.json):
+    python soco.py --demo --seed 0 --out runs/soco_demo
 Benchmark (selective search, the 1.28M-image proposal table, CPU pre-training throughput):
     python benchmarks/bench_soco.py
 """
