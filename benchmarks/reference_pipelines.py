@@ -1,0 +1,53 @@
+"""The data pipelines as they were before issue 19 (frozen copies of the functions it replaced), kept
+for the before / after figures of `bench_pipelines.py --before` and for the tests that compare the
+new pipelines' outputs with these, in distribution, on fixed seeds. Only the replaced functions are
+copied; everything else is the scripts' own, so these follow the scripts' other changes."""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+import soco
+import ssod_certainty
+
+
+# soco.py -------------------------------------------------------------------------------------
+def reference_byol_augment(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
+    """soco.byol_augment before issue 19: torchvision's tensor kernels."""
+    kernel = max(3, int(round(0.1 * size)) // 2 * 2 + 1)  # 23 px at 224, as BYOL
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        v2.RandomSolarize(threshold=128, p=solarize_p),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    ])
+
+
+class ReferenceSoCoViews(soco.SoCoViews):
+    def __init__(self, source, proposals, args):
+        super().__init__(source, proposals, args)
+        S = args.view_size
+        self.aug_v1 = reference_byol_augment(S, blur_p=1.0, solarize_p=0.0)
+        self.aug_v2 = reference_byol_augment(S, blur_p=0.1, solarize_p=0.2)
+        self.aug_v3 = reference_byol_augment(args.v3_size, blur_p=0.1, solarize_p=0.2)
+        self.aug_v4 = reference_byol_augment(args.v4_size, blur_p=0.1, solarize_p=0.2)
+
+
+# ssod_certainty.py ---------------------------------------------------------------------------
+def reference_strong_augmentation(args) -> v2.Compose:
+    """ssod_certainty.strong_augmentation before issue 19: tensor kernels on the float weak view."""
+    ops = []
+    if args.color_jitter:
+        ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+    if args.blur:
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.5))
+    if args.cutout:  # Cutout as three random erasings of decreasing probability (Unbiased Teacher)
+        ops += [v2.RandomErasing(p=0.7, scale=(0.05, 0.2), ratio=(0.3, 3.3), value="random"),
+                v2.RandomErasing(p=0.5, scale=(0.02, 0.2), ratio=(0.1, 6), value="random"),
+                v2.RandomErasing(p=0.3, scale=(0.02, 0.2), ratio=(0.05, 8), value="random")]
+    return v2.Compose(ops or [v2.Identity()])
+
+
+ReferenceSemiSupervisedSet = ssod_certainty.SemiSupervisedSet
