@@ -4,9 +4,13 @@ new pipelines' outputs with these, in distribution, on fixed seeds. Only the rep
 copied; everything else is the scripts' own, so these follow the scripts' other changes."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
+import dap
 import soco
 import ssod_certainty
 
@@ -51,3 +55,29 @@ def reference_strong_augmentation(args) -> v2.Compose:
 
 
 ReferenceSemiSupervisedSet = ssod_certainty.SemiSupervisedSet
+
+
+# dap.py ----------------------------------------------------------------------------------------
+class ReferenceCamInputs(dap.CamInputs):
+    """dap.CamInputs before issue 19: each image resized as float."""
+
+    def __call__(self, batch):
+        indices, images, labels = zip(*[(i, img, lab) for i, (img, lab) in batch])
+        sizes = torch.tensor([img.shape[-2:] for img in images])
+        per_scale = []
+        for s in self.scales:
+            resized = []
+            for img in images:
+                h, w = img.shape[-2:]
+                f = s / min(h, w)
+                nh, nw = max(1, round(h * f)), max(1, round(w * f))
+                x = F.interpolate(img[None].float() / 255, size=(nh, nw), mode="bilinear",
+                                  antialias=True, align_corners=False)[0]
+                resized.append((x.clamp(0, 1) - self.mean) / self.std)
+            grid = torch.tensor([[math.ceil(x.shape[1] / dap.STRIDE), math.ceil(x.shape[2] / dap.STRIDE)]
+                                 for x in resized])
+            canvas = torch.zeros(len(resized), 3, int(grid[:, 0].max()) * dap.STRIDE, int(grid[:, 1].max()) * dap.STRIDE)
+            for k, x in enumerate(resized):
+                canvas[k, :, : x.shape[1], : x.shape[2]] = x
+            per_scale.append((canvas, grid))
+        return per_scale, torch.tensor(labels), torch.tensor(indices), sizes

@@ -118,3 +118,19 @@ def test_ssod_ablation_switches_draw_as_before(flags):
     b = ref.reference_strong_augmentation(args)(x)
     assert torch.rand(1) == after
     assert ((a - b).abs() * 255).mean() < 3
+
+
+def test_dap_cam_inputs_match_the_old_collate():
+    import dap
+
+    r = SyntheticDetection(3, 120, mode="object", seed=4)
+    imgs = [torch.from_numpy(r.render(i, masks=False)[0]).permute(2, 0, 1) for i in range(3)]
+    imgs[1] = imgs[1][:, :, 20:100]  # portrait, 120 x 80
+    batch = [(i, (img, i % 2)) for i, img in enumerate(imgs)]
+    new, old = dap.CamInputs([48, 96])(batch), ref.ReferenceCamInputs([48, 96])(batch)
+    for (xn, gn), (xo, go) in zip(new[0], old[0]):
+        assert xn.shape == xo.shape and torch.equal(gn, go)
+        grey = ((xn - xo) * STD).abs() * 255
+        assert grey.mean() < 0.5 and grey.max() <= 1.5, (grey.mean(), grey.max())
+    for a, b in zip(new[1:], old[1:]):
+        assert torch.equal(a, b)
