@@ -5,12 +5,14 @@ copied; everything else is the scripts' own, so these follow the scripts' other 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import dap
+import jigsaw
 import soco
 import ssod_certainty
 
@@ -81,3 +83,56 @@ class ReferenceCamInputs(dap.CamInputs):
                 canvas[k, :, : x.shape[1], : x.shape[2]] = x
             per_scale.append((canvas, grid))
         return per_scale, torch.tensor(labels), torch.tensor(indices), sizes
+
+
+# jigsaw.py -------------------------------------------------------------------------------------
+def reference_fit_to_region(crop, hw, mode, scale, flip):
+    """jigsaw.fit_to_region before issue 19 (float)."""
+    H, W = hw
+    h, w = crop.shape[-2:]
+    if mode == "warp":
+        size = (H, W)
+    elif mode == "resize":
+        f = min(H / h, W / w)
+        size = (max(1, min(H, round(h * f))), max(1, min(W, round(w * f))))
+    else:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    if flip:
+        x = x.flip(-1)
+    out = torch.zeros(3, H, W)
+    h, w = x.shape[-2:]
+    sy, sx = int(torch.randint(0, max(0, h - H) + 1, ())), int(torch.randint(0, max(0, w - W) + 1, ()))
+    dy, dx = int(torch.randint(0, max(0, H - h) + 1, ())), int(torch.randint(0, max(0, W - w) + 1, ()))
+    x = x[:, sy:sy + H, sx:sx + W]
+    out[:, dy:dy + x.shape[1], dx:dx + x.shape[2]] = x
+    return out
+
+
+class ReferenceJigsawAssembly(jigsaw.JigsawAssembly):
+    """jigsaw.JigsawAssembly before issue 19: every sample cut from its whole decoded image, float."""
+
+    def crop(self, k: int) -> torch.Tensor:
+        image = self.dataset[int(self.image_index[k])][0]  # (3, H, W) uint8
+        H, W = image.shape[-2:]
+        x1, y1, x2, y2 = self.boxes[k]
+        x1, y1 = min(int(math.floor(x1)), W - 1), min(int(math.floor(y1)), H - 1)
+        x2, y2 = max(int(math.ceil(x2)), x1 + 1), max(int(math.ceil(y2)), y1 + 1)
+        return image[:, y1:y2, x1:x2].float() / 255
+
+    def __getitem__(self, i: int):
+        t = self.template
+        canvas = torch.zeros(3, t.size, t.size)
+        chosen = self.choose()
+        for k, (x1, y1, x2, y2) in zip(chosen, t.boxes):
+            scale = float(torch.empty(()).uniform_(*self.scale_range))
+            flip = bool(torch.rand(()) < 0.5)
+            canvas[:, y1:y2, x1:x2] = reference_fit_to_region(self.crop(k), (y2 - y1, x2 - x1), self.fit, scale, flip)
+        canvas = (canvas - torch.tensor(jigsaw.MEAN)[:, None, None]) / torch.tensor(jigsaw.STD)[:, None, None]
+        return canvas, {"region_labels": torch.as_tensor([int(self.labels[k]) for k in chosen], dtype=torch.long)}
+
+
+def reference_jigsaw_data(args) -> ReferenceJigsawAssembly:
+    new = jigsaw.build_pretrain_data(args)  # extracts the table once
+    return ReferenceJigsawAssembly(new.dataset, jigsaw.load_sample_table(Path(args.samples or Path(args.out) / "samples")),
+                                   new.template, new.fit, new.scale_range)
