@@ -537,7 +537,7 @@ class JigsawAssembly(Dataset):
         if self.crops is not None:
             data = self.crops[self.crop_offsets[k]:self.crop_offsets[k + 1]]
             with Image.open(io.BytesIO(data)) as im:
-                return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # a writable copy
         image = self.dataset[int(self.image_index[k])][0].as_subclass(torch.Tensor)  # (3, H, W) uint8
         x1, y1, x2, y2 = crop_box(self.boxes[k], image.shape[-2:])
         return image[:, y1:y2, x1:x2]

@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", nargs="*", default=[], metavar="ENTRY=B", help="override an entry's per-device batch")
     p.add_argument("--reduced", action="store_true", help="CPU check: ResNet-18, small sizes, batch 2")
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary folder)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per stage before it counts as failed")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per stage before it counts as failed")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -188,6 +188,8 @@ def main(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001 - report and go on to the next entry
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"{name}: {results[name]}", flush=True)
+            if a.out:  # what is done survives a kill of the whole command
+                (root / "smoke.json").write_text(json.dumps(results))
     print(json.dumps(results))
     if any("error" in r for r in results.values()):
         sys.exit(1)

@@ -20,6 +20,8 @@ from torchvision.transforms import v2
 
 __all__ = ["ColorAugment", "to_hwc", "to_chw", "float_to_uint8"]
 
+cv2.setNumThreads(1)  # one thread per process: the DataLoader workers are the parallelism (as torch's are)
+
 
 def to_hwc(image: torch.Tensor) -> np.ndarray:
     """uint8 (3, H, W) tensor -> contiguous uint8 (H, W, 3) array (no copy when it is a view of one)."""
