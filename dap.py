@@ -431,13 +431,13 @@ class CamInputs:
                 h, w = img.shape[-2:]
                 f = s / min(h, w)
                 nh, nw = max(1, round(h * f)), max(1, round(w * f))
-                x = F.interpolate(img[None].float() / 255, size=(nh, nw), mode="bilinear",
-                                  antialias=True, align_corners=False)[0]
-                resized.append((x.clamp(0, 1) - self.mean) / self.std)
+                # antialiased bilinear on the uint8 image (torchvision's SIMD kernel); float comes below
+                resized.append(v2.functional.resize(img, [nh, nw], antialias=True))
             grid = torch.tensor([[math.ceil(x.shape[1] / STRIDE), math.ceil(x.shape[2] / STRIDE)] for x in resized])
             canvas = torch.zeros(len(resized), 3, int(grid[:, 0].max()) * STRIDE, int(grid[:, 1].max()) * STRIDE)
-            for k, x in enumerate(resized):
-                canvas[k, :, : x.shape[1], : x.shape[2]] = x
+            for k, x in enumerate(resized):  # copied as float and normalised in place: no temporaries
+                region = canvas[k, :, : x.shape[1], : x.shape[2]]
+                region.copy_(x).div_(255).sub_(self.mean).div_(self.std)
             per_scale.append((canvas, grid))
         return per_scale, torch.tensor(labels), torch.tensor(indices), sizes
 

@@ -234,9 +234,8 @@ def test_c4_crops_at_the_releases_scale_and_blur_follows_the_view_size():
     kernel, sigma = soco.blur_params(112)
     assert kernel == 11 and sigma == pytest.approx((0.05, 1.0))
 
-    def blurs(aug):
-        return [t for t in aug.transforms if isinstance(t, soco.v2.RandomApply)
-                and isinstance(t.transforms[0], soco.v2.GaussianBlur)][0].transforms[0]
+    def blurs(aug):  # the GaussianBlur whose parameters common.augment.ColorAugment draws
+        return [t for t in aug.transforms if isinstance(t, soco.ColorAugment)][0].blur
     ds = soco.SoCoViews(_OneImage(_coordinate_image(64)), None, parse("--view-size", 112, "--v3-size", 56,
                                                                       "--proposals-kind", "whole"))
     for aug in (ds.aug_v1, ds.aug_v2, ds.aug_v3):  # V3 (56 px) keeps V1's blur, as the release's 112-px V3
