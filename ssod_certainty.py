@@ -95,8 +95,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 from torchvision.transforms import v2
 
-from common.data import (build_detection_dataset, build_loader, detection_transforms,
-                         fraction_split, load_split, save_split, subset_by_ids)
+from common.data import (CocoDetection, build_detection_dataset, build_loader, detection_transforms,
+                         fraction_split, load_split, save_split, subset_by_ids, write_json_atomic)
 from common.detectors import build_detector
 from common.distributed import (all_gather_object, barrier, cleanup, get_world_size, init_distributed, is_main,
                                 seed_everything, unwrap, wrap_ddp)
@@ -594,10 +594,40 @@ def build_datasets(args):
     labeled_ids, unlabeled_ids = make_split(args, train_set)
     labeled = subset_by_ids(train_set, labeled_ids)
     if args.unlabeled_data:  # VOC12 / COCO unlabeled2017: a separate set, all unlabelled
-        unlabeled = build_detection_dataset(args.unlabeled_data, args.unlabeled_split)
+        unlabeled = build_unlabeled_set(args)
     else:
         unlabeled = subset_by_ids(train_set, unlabeled_ids)
     return labeled, unlabeled, val_set
+
+
+def build_unlabeled_set(args):
+    """--unlabeled-data read as an evaluation set (train=False: every image kept, none dropped for
+    lack of a box). COCO's image-info files (image_info_unlabeled2017.json: 'images' only) are
+    accepted: when annotations/instances_<split>.json is missing or has no 'annotations' list,
+    (rank 0 writes) a copy with "annotations": [] to <output-dir>/unlabeled/ and reads that."""
+    root = Path(args.unlabeled_data.split(",")[0])
+    if (root / "annotations").is_dir():
+        ann = root / "annotations" / f"instances_{args.unlabeled_split}.json"
+        info = root / "annotations" / f"image_info_{args.unlabeled_split}.json"
+        source = ann if ann.is_file() or not info.is_file() else info
+        data = json.loads(source.read_text()) if source.is_file() else None
+        if isinstance(data, dict) and "annotations" not in data and isinstance(data.get("images"), list):
+            patched = Path(args.output_dir) / "unlabeled" / f"instances_{args.unlabeled_split}.json"
+            if is_main():
+                patched.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic({**data, "annotations": []}, patched)
+            barrier()
+            return CocoDetection(root / args.unlabeled_split, patched)
+    return build_detection_dataset(args.unlabeled_data, args.unlabeled_split, train=False)
+
+
+def heldout_set(args, unlabeled):
+    """The unlabelled images with their withheld ground truth as written (train=False: crowd
+    regions flagged, boxes unclipped), for Fig. 3.3's scoring of the teacher."""
+    if args.unlabeled_data or args.data == "synthetic":  # already read as an evaluation set
+        return unlabeled
+    full = build_detection_dataset(args.data, args.train_split, train=False)
+    return subset_by_ids(full, unlabeled.image_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,7 +736,7 @@ class HeldOut(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image, target = self.unlabeled[i]
         ann = self.unlabeled.annotations(i)
-        truth = {k: torch.as_tensor(ann[k]) for k in ("boxes", "labels", "difficult") if k in ann}
+        truth = {k: torch.as_tensor(ann[k]) for k in ("boxes", "labels", "difficult", "iscrowd", "area") if k in ann}
         return self.to_float(image), dict(truth, image_id=target["image_id"])
 
 
@@ -743,7 +773,8 @@ def run(args, env) -> dict:
     metric = evaluation_metric(args.data)
     results = {"output_dir": str(out), "rare_labels": rare, "teacher": evaluate(args, env, teacher, val_set, rare, metric)}
     if args.heldout_images > 0:  # the teacher against the unlabelled images' withheld truth
-        results["teacher_heldout"] = evaluate(args, env, teacher, HeldOut(unlabeled, args.heldout_images), rare,
+        heldout = HeldOut(heldout_set(args, unlabeled), args.heldout_images)
+        results["teacher_heldout"] = evaluate(args, env, teacher, heldout, rare,
                                               evaluation_metric(args.unlabeled_data or args.data))
     student, class_stats = train_student(args, env, teacher, labeled, unlabeled, out / "student")
     results["student"] = evaluate(args, env, student, val_set, rare, metric)
