@@ -21,9 +21,11 @@ Equations -> code
 - Eq. 3.5  + SmoothL1 from the interval centre  -> `side_losses` (targets from `encode_sides`,
                                                    inverse `decode_sides`)
 - Eq. 3.6  tau_m, mu_m from S_m = sum_j p_j v_j -> `dynamic_thresholds`; S_m accumulated online by
-                                                   `ClassStatistics.update`, called from
-                                                   `CertaintyRoIHeads.box_losses`
+                                                   `ClassStatistics.update` from the student's foreground
+                                                   RoIs (`CertaintyRoIHeads.foreground`)
 - pseudo labels: p * v >= tau_m                 -> `pseudo_label`; NMS on p * v -> `CertaintyRoIHeads.postprocess`
+- one student step: tau_m / mu_m -> teacher on the weak views -> pseudo labels -> student loss on the
+  strong views -> S_m                          -> `student_loss` (its four numbered steps)
 
 CHOICE: the segment of each side is SABL's: the proposal is scaled by `--segment-scale` 1.7 about
   its centre and each side owns the half of the scaled proposal on its side (x1: [cx - 0.85 w, cx],
@@ -40,7 +42,22 @@ CHOICE: "foreground candidates" of Eq. 3.6 are the student's sampled foreground 
 CHOICE: a class never seen (count 0) is treated as the rarest class seen so far: it gets that
   class's tau_m and mu_m (finite). Before any class is seen, tau_m = tau and mu_m = 1.
 CHOICE: mu_m multiplies the classification and localisation losses of every foreground RoI of
-  class m, labelled and pseudo-labelled (Eq. 3.2's both terms); background RoIs keep weight 1.
+  class m, labelled and pseudo-labelled ("all foreground instances", Eq. 3.2's both terms);
+  background RoIs keep weight 1. As Eq. 3.6 writes it, mu_m is not normalised, so it is also a
+  global multiplier of the foreground losses: balanced classes at a mean p * v of 0.5 / 0.3 / 0.05
+  get mu = 1.52 / 2.06 / 6.03 (and a student whose p * v is still near 1/(C+1) x 1/K, thousands);
+  we keep the thesis' form (no normalisation), and log mu_m per class every `--log-every` steps.
+CHOICE: v is Eq. 3.4's mean over sides of the max interval probability (SABL's confidence also adds
+  the neighbouring interval's when it is the runner-up; the thesis does not), and a teacher box is a
+  pseudo label when p * v >= tau_m (Sec. 3.3.2-3.3.3: "together ... used for ... pseudo label
+  generation"). v is lower than p (with K = 30 a young teacher's mean v is about 0.4), so p * v can
+  leave the student few pseudo boxes: metrics.jsonl of the student logs, every `--log-every` steps,
+  pseudo boxes per unlabelled image, mean v of the kept boxes and of all the teacher's detections,
+  and tau_m and mu_m per class (`PseudoLabelLog`).
+CHOICE: the teacher runs a full forward pass (eval mode, no_grad) on the weak view of every
+  unlabelled image of every student step, as the thesis' teacher-student loop does; at the paper's
+  sampling about 40 % extra compute over the student alone. (A cache of its detections per image,
+  re-thresholded as tau_m moves, would be exact only without random resizes; not done.)
 CHOICE: labelled and pseudo-labelled images share one forward (one DDP step). lambda_u scales the
   RoI losses of pseudo-labelled images; the RPN losses are not scaled (identical at the paper's
   lambda_u = 1).
@@ -51,6 +68,12 @@ CHOICE: the student draws uniformly from the union of labelled and unlabelled im
   0.1-2) p=0.5 and cutout (Unbiased Teacher's three random erasings) on top of it for the student.
 CHOICE: splits come from `common.data.fraction_split` (drawn without replacement from the seed) and
   are saved as image ids; every rank and every rerun with the same seed gets the same split.
+CHOICE: single-scale training resizes the short side to `--train-scales` (800 COCO, 600 VOC);
+  multi-scale "sampled from (640, 800)" is `--train-scales 640 800 --train-scale-sampling range`
+  (Detectron2's sample_style "range": any integer from 640 to 800); `choice` picks one of the listed
+  sizes (Detectron2's default style). The long side is capped at `--max-size` 1333.
+CHOICE: the backbone starts from ImageNet (`--pretrained torchvision`, IMAGENET1K_V1) as the paper
+  says; `--pretrained none` is refused while layers or BN statistics are frozen (they would stay random).
 CHOICE: the teacher schedule is 600k x fraction iterations (6k/12k/30k/60k for 1/2/5/10 %, Sec.
   3.4.1), the student's 180k; LR steps at 2/3 and 8/9 of a schedule (120k/160k of 180k).
 CHOICE: Fig. 3.3's "localisation precision of pseudo boxes" is measured as the teacher's AP at IoU
@@ -64,19 +87,29 @@ CHOICE: `--no-certainty-aware` swaps in torchvision's class-specific regression 
   boxes and selects pseudo labels); with `--no-reweight --no-dynamic-threshold` as well, the student
   is plain pseudo-labelling with threshold tau on p (Table 3.4's first row).
 
-Full scale (COCO-partial 10 %, 8 GPUs, global batch 8 as in Sec. 3.4.1):
+Not implemented (listed so that nobody looks for them): Table 3.1's VOC + COCO-20 unlabelled set
+(selecting the COCO images that hold VOC's 20 classes and mapping their names), Table 3.3 middle's
+ensemble (two teachers' pseudo labels, two students, their ensemble evaluated) and Table 3.3 right's
+1:1 labelled:unlabelled sampling (the student samples uniformly from the union).
+
+Full scale (COCO-partial 10 %, 8 GPUs, global batch 8 as in Sec. 3.4.1; ImageNet weights by default):
   torchrun --nproc_per_node 8 ssod_certainty.py --data /data/coco --labeled-fraction 0.1 \
-      --pretrained torchvision --output-dir runs/ssod_coco10
-VOC07 labelled + VOC12 unlabelled:
+      --output-dir runs/ssod_coco10
+VOC07 labelled + VOC12 unlabelled (scored with Detectron2's VOC07 evaluator; add
+--train-scales 640 800 --train-scale-sampling range for the multi-scale rows):
   torchrun --nproc_per_node 8 ssod_certainty.py --data /data/VOCdevkit/VOC2007 --train-split trainval \
       --val-split test --unlabeled-data /data/VOCdevkit/VOC2012 --unlabeled-split trainval \
       --labeled-fraction 1 --teacher-iters 10000 --student-iters 90000 --min-size 600 --train-scales 600
-COCO-full + unlabeled2017 (1x; an instances_unlabeled2017.json listing the images, no annotations):
+COCO-full + unlabeled2017 (1x; annotations/image_info_unlabeled2017.json as COCO ships it, or an
+instances_unlabeled2017.json listing the images without "annotations": a copy with "annotations": []
+is written to <output-dir>/unlabeled/ and read):
   torchrun --nproc_per_node 8 ssod_certainty.py --data /data/coco --labeled-fraction 1 \
-      --unlabeled-data /data/coco --unlabeled-split unlabeled2017 --teacher-iters 180000 \
-      --pretrained torchvision --heldout-images 0
-CPU demo (synthetic long-tailed scenes, 10 % labelled; teacher, plain pseudo labels, ours):
-  python ssod_certainty.py --demo
+      --unlabeled-data /data/coco --unlabeled-split unlabeled2017 --teacher-iters 180000 --heldout-images 0
+CPU demo (synthetic long-tailed scenes, 20 % labelled; two teachers, plain pseudo labels, ours; writes
+OUT/demo.json): python ssod_certainty.py --demo --seed 0 --out runs/ssod_demo_s0
+DEVIATION (demo only): common.demo's recipe (R18-FPN from random init with trainable BN, AdamW
+  one-cycle, 64-px scenes), K = 8 for its 13-35 px objects and tau = 0.5 (a teacher of 140 CPU steps
+  scores lower than one of 12k GPU iterations; both students use it), steps in DEMO_DEFAULTS.
 """
 from __future__ import annotations
 

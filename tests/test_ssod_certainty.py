@@ -5,6 +5,7 @@ torchrun and an exact resume of the student with its class statistics."""
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,9 +388,33 @@ def test_flags_and_demo_defaults():
         (0.01, 8, 180_000, True, True, True)
     off = sc.parse_args(["--no-certainty-aware", "--no-reweight", "--no-dynamic-threshold", "--no-cutout"])
     assert not (off.certainty_aware or off.reweight or off.dynamic_threshold or off.cutout)
-    d = sc.parse_args(["--demo", "--student-iters", "3"])
-    assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 10
+    d = sc.parse_args(["--demo", "--student-iters", "3", "--out", "runs/x"])
+    assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 4
+    assert d.output_dir == "runs/x" and d.num_buckets == 8 and d.pretrained == "none"
     assert isinstance(d, argparse.Namespace)
+
+
+def test_demo_writes_its_two_claims(tmp_path, monkeypatch):
+    """demo.json wiring: ours vs its supervised teacher (AP), ours vs plain pseudo labels (AP75)."""
+    def fake_run(args, env):
+        student = Path(args.output_dir) / "student"
+        student.mkdir(parents=True)
+        (student / "metrics.jsonl").write_text(json.dumps({"step": 1, "pseudo_boxes_per_image": 1.5, "pseudo_mean_v": 0.8,
+                                                           "teacher_mean_v": 0.5, "tau_m": [0.5], "mu_m": [1.0]}) + "\n")
+        ours = args.certainty_aware
+        m = lambda ap, ap75: {"AP": ap, "AP50": 0.5, "AP75": ap75, "AP_rare": 0.1}
+        return {"output_dir": args.output_dir, "teacher": m(0.2 if ours else 0.18, 0.1),
+                "student": m(0.3 if ours else 0.25, 0.35 if ours else 0.3)}
+
+    monkeypatch.setattr(sc, "run", fake_run)
+    monkeypatch.setattr(sc, "plot_ap_vs_iou", lambda *a, **k: None)
+    sc.main(sc.parse_args(["--demo", "--seed", "3", "--out", str(tmp_path)]))
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["seed"] == 3 and result["script"] == "ssod_certainty.py"
+    (vs_teacher, vs_plain) = result["claims"]
+    assert (vs_teacher["metric"], vs_teacher["better"]["value"], vs_teacher["worse"]["value"]) == ("AP", 0.3, 0.2)
+    assert (vs_plain["metric"], vs_plain["better"]["value"], vs_plain["worse"]["value"]) == ("AP75", 0.35, 0.3)
+    assert result["tables"]["pseudo_labels"]["ours"]["pseudo_boxes_per_image"] == 1.5
 
 
 def test_teacher_of_the_other_head_is_a_clear_error(tmp_path):
