@@ -62,7 +62,9 @@ CHOICE: labelled and pseudo-labelled images share one forward (one DDP step). la
   RoI losses of pseudo-labelled images; the RPN losses are not scaled (identical at the paper's
   lambda_u = 1).
 CHOICE: the student draws uniformly from the union of labelled and unlabelled images (the paper's
-  default; 1:1 sampling is its Table 3.3 right variant). Labelled images keep the supervised
+  default, `--sampling union`); `--sampling 1:1` (Table 3.3 right) repeats the labelled images until
+  they are as many as the unlabelled ones, so a draw is labelled or unlabelled with probability 1/2
+  (1:1 in expectation; Unbiased Teacher splits each batch exactly). Labelled images keep the supervised
   pipeline (resize + flip); unlabelled images get the weak view (resize + flip) for the teacher and
   strong = colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8 + grayscale p=0.2, Gaussian blur (sigma
   0.1-2) p=0.5 and cutout (Unbiased Teacher's three random erasings) on top of it for the student.
@@ -108,8 +110,9 @@ is written to <output-dir>/unlabeled/ and read):
 CPU demo (synthetic long-tailed scenes, 20 % labelled; two teachers, plain pseudo labels, ours; writes
 OUT/demo.json): python ssod_certainty.py --demo --seed 0 --out runs/ssod_demo_s0
 DEVIATION (demo only): common.demo's recipe (R18-FPN from random init with trainable BN, AdamW
-  one-cycle, 64-px scenes), K = 8 for its 13-35 px objects and tau = 0.5 (a teacher of 140 CPU steps
-  scores lower than one of 12k GPU iterations; both students use it), steps in DEMO_DEFAULTS.
+  one-cycle, 64-px scenes), K = 8 for its 13-35 px objects, tau = 0.5 (a teacher of 140 CPU steps
+  scores lower than one of 12k GPU iterations) and 1:1 sampling (Table 3.3 right: a student of 90
+  steps would see a labelled image in 1 draw of 5), the same for both students; steps in DEMO_DEFAULTS.
 """
 from __future__ import annotations
 
@@ -182,6 +185,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "between its two values (the paper's 'sampled from (640, 800)')")
     paper.add_argument("--test-score-thresh", type=float, default=0.05, help="0.05 or 0.001 (Table 3.2)")
     paper.add_argument("--num-rare", type=int, default=10, help="rarest classes for Table 3.3 left")
+    paper.add_argument("--sampling", choices=("union", "1:1"), default="union",
+                       help="student draws: uniform over labelled + unlabelled, or 1:1 (Table 3.3 right)")
 
     system = p.add_argument_group("system")
     system.add_argument("--data", default="synthetic", help="'synthetic', a COCO root or VOC root(s)")
@@ -601,6 +606,23 @@ class SemiSupervisedSet(torch.utils.data.Dataset):
         return self.strong(image), {"image_id": target["image_id"], "weak_image": image}
 
 
+class Repeated(torch.utils.data.Dataset):
+    """`dataset` repeated to `length` items (item i is dataset[i mod n]): the labelled images of
+    `--sampling 1:1`, as many as the unlabelled ones."""
+
+    def __init__(self, dataset, length: int):
+        self.dataset, self.length, self.classes = dataset, length, dataset.classes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % len(self.dataset)]
+
+    def image_size(self, i: int):
+        return self.dataset.image_size(i % len(self.dataset))
+
+
 def make_split(args, train_set):
     """Labelled and unlabelled image ids, saved (rank 0) and identical on every rank and rerun."""
     if args.split_file:
@@ -714,6 +736,8 @@ def train_student(args, env, teacher: nn.Module, labeled, unlabeled, out_dir: Pa
     class_stats = ClassStatistics(len(labeled.classes))  # Eq. 3.6's S_m and counts, updated every step
     log = PseudoLabelLog()  # pseudo boxes per image, mean v, tau_m, mu_m: into metrics.jsonl
     weak = detection_transforms(True, train_scales(args), args.max_size)
+    if args.sampling == "1:1" and 0 < len(labeled) < len(unlabeled):  # Table 3.3 right
+        labeled = Repeated(labeled, len(unlabeled))
     dataset = SemiSupervisedSet(labeled, unlabeled, weak, strong_augmentation(args))
 
     def loss_fn(model, images, targets):
@@ -845,6 +869,7 @@ DEMO_DEFAULTS = dict(
     trainable_layers=5, min_size=64, max_size=64, train_scales=[64], batch_size=8, warmup_iters=50,
     teacher_iters=140, student_iters=90, num_buckets=8,  # K = 8 for 13-35 px objects (Table 3.6: K = 8 works)
     tau=0.5,  # a teacher of 140 CPU steps scores lower than the paper's of 12k GPU iterations; both students use it
+    sampling="1:1",  # Table 3.3 right: half the student's images labelled (uniform: 1 in 5 at 20 % labelled)
     num_rare=3, heldout_images=0, workers=0, clip_grad=10.0, device="cpu", log_every=10,
     output_dir="runs/ssod_certainty_demo")
 
@@ -883,7 +908,8 @@ def demo(args, env) -> dict:
                   "setting": {"long_tail": args.long_tail, "labeled_fraction": args.labeled_fraction,
                               "train_images": args.synthetic_train, "val_images": args.synthetic_val,
                               "teacher_iters": args.teacher_iters, "student_iters": args.student_iters,
-                              "batch_size": args.batch_size, "num_buckets": args.num_buckets, "tau": args.tau}}
+                              "batch_size": args.batch_size, "num_buckets": args.num_buckets, "tau": args.tau,
+                              "sampling": args.sampling}}
         write_demo_result(out, "ssod_certainty.py", args.seed, time.time() - t0, claims, tables)
     barrier()
     return results

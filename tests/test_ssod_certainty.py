@@ -551,3 +551,14 @@ def test_heldout_and_rare_class_scoring_keep_crowd_regions(tmp_path):
              {"boxes": torch.tensor([[4.0, 4, 24, 24]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.8])}]
     m = sc.evaluate(args, init_distributed("cpu"), Replay(found), heldout, [1], "coco")
     assert m["AP"] == pytest.approx(1.0) and m["AP_rare"] == pytest.approx(1.0)
+
+
+def test_one_to_one_sampling_repeats_the_labelled_images():
+    # Table 3.3 right (issue 17 item 8): as many labelled items as unlabelled ones
+    labeled, unlabeled = SyntheticDetection(3, 64, seed=1), SyntheticDetection(7, 64, seed=2)
+    rep = sc.Repeated(labeled, len(unlabeled))
+    assert len(rep) == 7 and rep.classes == labeled.classes
+    assert torch.equal(rep[4][0], labeled[1][0]) and rep.image_size(5) == labeled.image_size(2)
+    ds = sc.SemiSupervisedSet(rep, unlabeled, detection_transforms(True, (64,), 64), sc.strong_augmentation(tiny_args()))
+    assert len(ds) == 14 and sum("weak_image" in ds[i][1] for i in range(len(ds))) == 7
+    assert sc.parse_args(["--sampling", "1:1"]).sampling == "1:1" and sc.parse_args([]).sampling == "union"
