@@ -90,9 +90,9 @@ CHOICE: `--no-certainty-aware` swaps in torchvision's class-specific regression 
   is plain pseudo-labelling with threshold tau on p (Table 3.4's first row).
 
 Not implemented (listed so that nobody looks for them): Table 3.1's VOC + COCO-20 unlabelled set
-(selecting the COCO images that hold VOC's 20 classes and mapping their names), Table 3.3 middle's
-ensemble (two teachers' pseudo labels, two students, their ensemble evaluated) and Table 3.3 right's
-1:1 labelled:unlabelled sampling (the student samples uniformly from the union).
+(selecting the COCO images that hold VOC's 20 classes and mapping their names) and Table 3.3
+middle's ensemble (two teachers' pseudo labels, two students, their ensemble evaluated). Table 3.3
+right's 1:1 sampling is `--sampling 1:1`.
 
 Full scale (COCO-partial 10 %, 8 GPUs, global batch 8 as in Sec. 3.4.1; ImageNet weights by default):
   torchrun --nproc_per_node 8 ssod_certainty.py --data /data/coco --labeled-fraction 0.1 \
