@@ -233,3 +233,17 @@ def test_sigkill_mid_epoch_with_workers_then_resume_is_exact(tmp_path, root):
     resumed = load_checkpoint(tmp_path / "cut" / "final.pth")["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full), (full, resumed)
     assert [l["step"] for l in _log(tmp_path / "cut" / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_log_extra_fields_join_each_log_line(tmp_path):
+    calls = []
+
+    def extra():
+        calls.append(1)
+        return {"pseudo_boxes_per_image": float(len(calls)), "tau_m": [0.7, 0.5]}
+
+    tiny(tmp_path, log_extra=extra)
+    lines = _log(tmp_path / "metrics.jsonl")
+    assert [l["step"] for l in lines] == list(range(1, 9)) and len(calls) == 8  # once per logged step
+    assert [l["pseudo_boxes_per_image"] for l in lines] == [float(k) for k in range(1, 9)]
+    assert all(l["tau_m"] == [0.7, 0.5] and "loss" in l for l in lines)
