@@ -196,7 +196,8 @@ def default_loss(model, images, targets) -> dict:
 def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir, args=None, loss_fn=None,
                    clip_grad: float = 0.0, amp: bool = False, checkpoint_every: int = 0, resume=None,
                    extra_state: dict | None = None, log_every: int = 20, max_steps: int | None = None,
-                   on_step_end=None, on_epoch_end=None, desc: str = "train", accumulate: int = 1):
+                   on_step_end=None, on_epoch_end=None, log_extra=None, desc: str = "train",
+                   accumulate: int = 1):
     """Train `model` (DDP-wrapped or not) for `epochs` epochs (or until `max_steps` iterations).
 
     Every step: loss_fn(model, images, targets) -> dict of loss terms, summed; terms are averaged
@@ -209,7 +210,9 @@ def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir,
     that checkpoint stopped: on the CPU with a fixed seed a resumed run, on any number of ranks,
     ends with the same weights as an uninterrupted one, and its log is cut back to the checkpoint's
     step. A fresh run refuses an `out_dir` holding an earlier run's log. Temporary files of a save
-    that was killed are removed on start. Callbacks: on_step_end(step), on_epoch_end(epoch).
+    that was killed are removed on start. Callbacks: on_step_end(step), on_epoch_end(epoch);
+    log_extra() -> dict of JSON values merged into each log line (called on every rank at each
+    logged step, so it may reduce over ranks).
     `accumulate` = n: gradient accumulation, one update (a step) every n loader batches (the last
     group of an epoch may be shorter), each batch's loss divided by n, DDP's all-reduce only on the
     last; the log shows the last batch's losses; checkpoints fall on updates.
@@ -311,8 +314,9 @@ def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir,
                 on_step_end(step)
             now = time.perf_counter()
             if step % log_every == 0 or step == 1:
-                logger.log(step=step, epoch=epoch, lr=lr,
-                           loss=sum(logged.values()), **logged, data_time=t_step - t_data, step_time=now - t_step)
+                extra = log_extra() if log_extra is not None else {}
+                logger.log(step=step, epoch=epoch, lr=lr, loss=sum(logged.values()), **logged,
+                           data_time=t_step - t_data, step_time=now - t_step, **extra)
             bar.set_postfix(loss=f"{sum(logged.values()):.3f}")
             bar.update()
             if checkpoint_every and step % checkpoint_every == 0:

@@ -269,3 +269,17 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     for x, y in zip(full.parameters(), acc.parameters()):
         assert torch.allclose(x, y, atol=1e-6)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pth")["step"] == 4
+
+
+def test_log_extra_fields_join_each_log_line(tmp_path):
+    calls = []
+
+    def extra():
+        calls.append(1)
+        return {"pseudo_boxes_per_image": float(len(calls)), "tau_m": [0.7, 0.5]}
+
+    tiny(tmp_path, log_extra=extra)
+    lines = _log(tmp_path / "metrics.jsonl")
+    assert [l["step"] for l in lines] == list(range(1, 9)) and len(calls) == 8  # once per logged step
+    assert [l["pseudo_boxes_per_image"] for l in lines] == [float(k) for k in range(1, 9)]
+    assert all(l["tau_m"] == [0.7, 0.5] and "loss" in l for l in lines)

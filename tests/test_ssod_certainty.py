@@ -5,6 +5,7 @@ torchrun and an exact resume of the student with its class statistics."""
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ TINY = ["--data", "synthetic", "--synthetic-train", "20", "--synthetic-val", "4"
         "--trainable-layers", "5", "--min-size", "64", "--max-size", "64", "--train-scales", "64",
         "--anchor-sizes", "16", "32", "64", "128", "256", "--proposals", "50", "--roi-batch", "32",
         "--batch-size", "2", "--warmup-iters", "1", "--lr", "0.01", "--num-rare", "3", "--heldout-images", "4",
-        "--workers", "0", "--device", "cpu", "--log-every", "1"]
+        "--workers", "0", "--device", "cpu", "--log-every", "1", "--pretrained", "none"]
 
 
 def tiny_args(*extra):
@@ -204,15 +205,15 @@ def test_empty_pseudo_boxes_give_finite_losses(certainty_aware):
 
 def test_foreground_rois_feed_class_statistics_and_weights_scale_losses():
     model = tiny_detector().train()
-    model.roi_heads.class_stats = stats = sc.ClassStatistics(8)
+    stats = sc.ClassStatistics(8)
     images, targets = synthetic_batch()
     torch.manual_seed(1)
     base = model(images, targets)
+    stats.update(*model.roi_heads.foreground)  # what the student step does after its forward
     n_fg = stats.counts.sum()
     assert n_fg > 0 and 0 < stats.score_sums.sum() < n_fg  # p * v in (0, 1) per foreground RoI
     seen = {int(c) for t in targets for c in t["labels"]}
     assert {i + 1 for i in torch.nonzero(stats.counts).flatten().tolist()} <= seen
-    model.roi_heads.class_stats = None
     torch.manual_seed(1)
     doubled = model(images, [{**t, "weights": torch.full((len(t["labels"]),), 2.0)} for t in targets])
     # mu_m scales foreground terms only: the localisation terms double exactly
@@ -265,11 +266,26 @@ def test_student_loss_with_no_pseudo_boxes_is_finite():
     nothing = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
     targets[1] = {"weak_image": images[1]}  # an unlabelled image
     stats = sc.ClassStatistics(8)
-    model.roi_heads.class_stats = stats
     losses = sc.student_loss(model, images, targets, teacher=FixedTeacher(nothing), class_stats=stats,
                              args=tiny_args())
     assert all(torch.isfinite(v) for v in losses.values())
     assert stats.counts.sum() > 0  # the labelled image's foreground still counts
+
+
+def test_student_step_logs_what_the_pseudo_labels_were():
+    # issue 17 item 3: pseudo boxes per image, mean v, tau_m and mu_m per class are visible
+    model = tiny_detector().train()
+    images, targets = synthetic_batch()
+    det = {"boxes": torch.tensor([[2, 2, 30, 30], [4, 4, 40, 40], [1, 1, 9, 9.0]]), "labels": torch.tensor([1, 2, 2]),
+           "scores": torch.tensor([0.9, 0.8, 0.2]), "quality": torch.tensor([0.95, 0.9, 0.3])}
+    targets[1] = {"weak_image": images[1]}
+    stats, log = sc.ClassStatistics(8), sc.PseudoLabelLog()
+    sc.student_loss(model, images, targets, teacher=FixedTeacher(det), class_stats=stats, args=tiny_args(), log=log)
+    fields = log.fields()
+    assert fields["pseudo_boxes_per_image"] == 2.0  # 0.9 and 0.8 pass tau = 0.7, 0.2 does not
+    assert fields["pseudo_mean_v"] == pytest.approx(0.925) and fields["teacher_mean_v"] == pytest.approx(2.15 / 3)
+    assert fields["tau_m"] == [0.7] * 8 and fields["mu_m"] == [1.0] * 8  # nothing seen before the first step
+    assert log.fields()["pseudo_boxes_per_image"] == 0.0  # reset after each log line
 
 
 # ---------------------------------------------------------------- data
@@ -310,6 +326,10 @@ def test_smoke_teacher_and_student(tmp_path):
     assert (tmp_path / "fig3_3_pseudo_box_localization.png").is_file()
     ckpt = load_checkpoint(tmp_path / "student" / "checkpoint.pth")
     assert ckpt["step"] == 2 and set(ckpt["extra"]) == {"class_stats", "teacher"}
+    for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines():  # item 3: logged per step
+        record = json.loads(line)
+        assert {"pseudo_boxes_per_image", "pseudo_mean_v", "teacher_mean_v"} <= set(record)
+        assert len(record["tau_m"]) == len(record["mu_m"]) == 8
     assert results["class_stats"]["counts"] == ckpt["extra"]["class_stats"]["counts"].tolist()
 
 
@@ -368,9 +388,33 @@ def test_flags_and_demo_defaults():
         (0.01, 8, 180_000, True, True, True)
     off = sc.parse_args(["--no-certainty-aware", "--no-reweight", "--no-dynamic-threshold", "--no-cutout"])
     assert not (off.certainty_aware or off.reweight or off.dynamic_threshold or off.cutout)
-    d = sc.parse_args(["--demo", "--student-iters", "3"])
-    assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 10
+    d = sc.parse_args(["--demo", "--student-iters", "3", "--out", "runs/x"])
+    assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 4
+    assert d.output_dir == "runs/x" and d.num_buckets == 8 and d.pretrained == "none"
     assert isinstance(d, argparse.Namespace)
+
+
+def test_demo_writes_its_two_claims(tmp_path, monkeypatch):
+    """demo.json wiring: ours vs its supervised teacher (AP), ours vs plain pseudo labels (AP75)."""
+    def fake_run(args, env):
+        student = Path(args.output_dir) / "student"
+        student.mkdir(parents=True)
+        (student / "metrics.jsonl").write_text(json.dumps({"step": 1, "pseudo_boxes_per_image": 1.5, "pseudo_mean_v": 0.8,
+                                                           "teacher_mean_v": 0.5, "tau_m": [0.5], "mu_m": [1.0]}) + "\n")
+        ours = args.certainty_aware
+        m = lambda ap, ap75: {"AP": ap, "AP50": 0.5, "AP75": ap75, "AP_rare": 0.1}
+        return {"output_dir": args.output_dir, "teacher": m(0.2 if ours else 0.18, 0.1),
+                "student": m(0.3 if ours else 0.25, 0.35 if ours else 0.3)}
+
+    monkeypatch.setattr(sc, "run", fake_run)
+    monkeypatch.setattr(sc, "plot_ap_vs_iou", lambda *a, **k: None)
+    sc.main(sc.parse_args(["--demo", "--seed", "3", "--out", str(tmp_path)]))
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["seed"] == 3 and result["script"] == "ssod_certainty.py"
+    (vs_teacher, vs_plain) = result["claims"]
+    assert (vs_teacher["metric"], vs_teacher["better"]["value"], vs_teacher["worse"]["value"]) == ("AP", 0.3, 0.2)
+    assert (vs_plain["metric"], vs_plain["better"]["value"], vs_plain["worse"]["value"]) == ("AP75", 0.35, 0.3)
+    assert result["tables"]["pseudo_labels"]["ours"]["pseudo_boxes_per_image"] == 1.5
 
 
 def test_teacher_of_the_other_head_is_a_clear_error(tmp_path):
@@ -413,3 +457,108 @@ def test_voc2007_is_scored_as_detectron2_with_difficult_objects_ignored(tmp_path
     # every non-difficult object found, nothing else: AP 1 at every IoU (COCO-style, the two missed
     # difficult objects would count against recall)
     assert m["AP"] == m["AP50"] == m["AP75"] == m["AP@0.95"] == m["AP_rare"] == 1.0 and m["voc07_mAP50"] == 1.0
+
+
+# ---------------------------------------------------------------- issue 17
+def test_backbone_defaults_to_imagenet_weights(torchvision_hub):
+    flags = [f for f in TINY if f not in ("--pretrained", "none")]
+    args = sc.parse_args(flags)
+    assert args.pretrained == "torchvision"
+    model = sc.build_ssod_detector(args, 8)
+    assert [w.name for w in torchvision_hub] == ["IMAGENET1K_V1"]
+    assert bool((model.backbone.body.conv1.weight == 0.25).all())  # the (stand-in) ImageNet weights arrived
+
+
+def test_random_init_with_frozen_layers_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--pretrained", "none"])  # frozen_bn, --trainable-layers 3: stem and res2 stay random
+    assert "--pretrained torchvision" in capsys.readouterr().err
+    assert sc.parse_args(["--pretrained", "none", "--norm", "bn", "--trainable-layers", "5"]).pretrained == "none"
+
+
+def test_train_scale_sampling_choice_and_range(capsys):
+    assert sc.train_scales(sc.parse_args(["--train-scales", "640", "800"])) == [640, 800]
+    ranged = sc.parse_args(["--train-scales", "640", "800", "--train-scale-sampling", "range"])
+    assert sc.train_scales(ranged) == list(range(640, 801))  # Detectron2: randint(640, 801)
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--train-scales", "640", "720", "800", "--train-scale-sampling", "range"])
+    assert "LO HI" in capsys.readouterr().err
+
+
+def test_global_batch_that_does_not_divide_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--batch-size 8 .* 3 processes"):
+        sc.train_stage(tiny_args("--batch-size", 8), argparse.Namespace(world_size=3), None, None, tmp_path, 1)
+
+
+def write_coco(root, split, images, annotations=None, name=None):
+    """A tiny COCO root: 32-px PNGs and annotations/<name or instances_split>.json."""
+    import numpy as np
+    from PIL import Image
+
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    for im in images:
+        Image.fromarray(np.full((32, 32, 3), 40 * im["id"], np.uint8)).save(root / split / im["file_name"])
+    data = {"images": images, "categories": [{"id": 1, "name": "thing"}]}
+    if annotations is not None:
+        data["annotations"] = annotations
+    (root / "annotations" / (name or f"instances_{split}.json")).write_text(json.dumps(data))
+
+
+IMAGES = [{"id": k, "file_name": f"{k}.png", "height": 32, "width": 32} for k in (1, 2)]
+
+
+@pytest.mark.parametrize("name", ["instances_unlabeled2017.json", "image_info_unlabeled2017.json"])
+def test_unlabeled_coco_image_info_file_is_accepted(tmp_path, name):
+    # the documented COCO-full command: an image list without "annotations" (issue 17)
+    write_coco(tmp_path / "coco", "unlabeled2017", IMAGES, name=name)
+    args = tiny_args("--unlabeled-data", tmp_path / "coco", "--unlabeled-split", "unlabeled2017",
+                     "--output-dir", tmp_path / "out")
+    unlabeled = sc.build_unlabeled_set(args)
+    assert len(unlabeled) == 2 and unlabeled.image_ids == [1, 2]
+    assert json.loads((tmp_path / "out" / "unlabeled" / "instances_unlabeled2017.json").read_text())["annotations"] == []
+    image, target = unlabeled[0]
+    assert image.shape == (3, 32, 32) and target["boxes"].shape == (0, 4)
+
+
+class Replay(nn.Module):
+    """Returns the given detections, image after image."""
+
+    def __init__(self, detections):
+        super().__init__()
+        self.detections = iter(detections)
+
+    def forward(self, images):
+        return [next(self.detections) for _ in images]
+
+
+def test_heldout_and_rare_class_scoring_keep_crowd_regions(tmp_path):
+    # image 1: an object and a crowd region; image 2: an object. Scored against the annotation
+    # file as written, a confident detection on the crowd region is neither TP nor FP (COCOeval).
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 12, 12], "area": 144, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [16, 16, 14, 14], "area": 150, "iscrowd": 1},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}]
+    write_coco(tmp_path / "coco", "train", IMAGES, anns)
+    args = tiny_args("--data", tmp_path / "coco", "--train-split", "train", "--output-dir", tmp_path / "out")
+    from common.data import build_detection_dataset, subset_by_ids
+
+    train = build_detection_dataset(str(tmp_path / "coco"), "train", train=True)  # crowd dropped for training
+    unlabeled = subset_by_ids(train, [1, 2])
+    heldout = sc.HeldOut(sc.heldout_set(args, unlabeled), 10)
+    assert heldout[0][1]["iscrowd"].tolist() == [False, True] and heldout[0][1]["area"].tolist() == [144, 150]
+    found = [{"boxes": torch.tensor([[16.0, 16, 30, 30], [2, 2, 14, 14]]), "labels": torch.tensor([1, 1]),
+              "scores": torch.tensor([0.9, 0.8])},
+             {"boxes": torch.tensor([[4.0, 4, 24, 24]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.8])}]
+    m = sc.evaluate(args, init_distributed("cpu"), Replay(found), heldout, [1], "coco")
+    assert m["AP"] == pytest.approx(1.0) and m["AP_rare"] == pytest.approx(1.0)
+
+
+def test_one_to_one_sampling_repeats_the_labelled_images():
+    # Table 3.3 right (issue 17 item 8): as many labelled items as unlabelled ones
+    labeled, unlabeled = SyntheticDetection(3, 64, seed=1), SyntheticDetection(7, 64, seed=2)
+    rep = sc.Repeated(labeled, len(unlabeled))
+    assert len(rep) == 7 and rep.classes == labeled.classes
+    assert torch.equal(rep[4][0], labeled[1][0]) and rep.image_size(5) == labeled.image_size(2)
+    ds = sc.SemiSupervisedSet(rep, unlabeled, detection_transforms(True, (64,), 64), sc.strong_augmentation(tiny_args()))
+    assert len(ds) == 14 and sum("weak_image" in ds[i][1] for i in range(len(ds))) == 7
+    assert sc.parse_args(["--sampling", "1:1"]).sampling == "1:1" and sc.parse_args([]).sampling == "union"
