@@ -6,7 +6,8 @@ Yi, Ouyang, ECCV 2020 (arXiv:2004.12178). Text copy: ../shared/papers/jigsaw.txt
 What the file does, in the paper's order:
 1. Sample selection (Sec. 3.1), `extract_samples`: positives are ground-truth boxes enlarged at
    random (each corner moves outwards, width/height up to 2x, truncated at the image edges);
-   negatives are random boxes with IoU = 0 against every ground-truth box, 10 positives : 1
+   negatives are random boxes with IoU = 0 against every positive sample of their image (the
+   enlarged boxes: "negative samples are exclusive with those positive ones"), 10 positives : 1
    negative. Written once as a (C + 1)-class table of flat numpy arrays (source image index, box,
    label), memory-mapped by every loader worker.
 2. Jigsaw assembly (Sec. 3.2, Fig. 4), `JigsawAssembly` / `fit_to_region`: 2 S + 1 T + 1 W samples per
@@ -340,7 +341,8 @@ def enlarge_boxes(boxes: np.ndarray, hw: tuple[int, int], rng: np.random.Generat
 
 def random_negatives(gt: np.ndarray, hw: tuple[int, int], count: int, rng: np.random.Generator,
                      tries: int = 50) -> np.ndarray:
-    """Sec. 3.1: up to `count` random boxes with IoU = 0 against every box of `gt` (N, 4)."""
+    """Sec. 3.1: up to `count` random boxes with IoU = 0 against every box of `gt` (N, 4): the
+    image's positive samples (the enlarged boxes, which hold the ground truth) and crowd regions."""
     h, w = hw
     out = []
     for _ in range(count):
@@ -373,7 +375,7 @@ def extract_samples(dataset, out_dir, seed: int = 0, neg_ratio: float = 0.1, max
         n_pos += len(pos)
         want = int(math.floor(n_pos * neg_ratio + 1e-9)) - n_wanted  # 10 : 1 over the whole table
         n_wanted += want
-        neg = random_negatives(gt, hw, want, rng)
+        neg = random_negatives(np.concatenate([pos, gt[crowd]]), hw, want, rng)  # IoU(pos, neg) = 0
         skipped += want - len(neg)
         index += [i] * (len(pos) + len(neg))
         boxes += [pos, neg]

@@ -57,6 +57,21 @@ def test_sample_table_positives_negatives_and_memmap(tmp_path):
         assert inside.any() and table["labels"][k] + 1 in ann["labels"][inside]
 
 
+def test_negatives_are_exclusive_with_the_positive_samples(tmp_path):
+    # Sec. 3.1: "IoU(pos, neg) = 0 ... negative samples are exclusive with those positive ones": the
+    # positives are the enlarged crops, so a negative may touch no enlarged box of its image.
+    ds = SyntheticDetection(48, 64, seed=0)
+    jigsaw.extract_samples(ds, tmp_path / "samples", seed=0)
+    table = jigsaw.load_sample_table(tmp_path / "samples")
+    C = len(ds.classes)
+    boxes, labels, index = (np.asarray(table[k]) for k in ("boxes", "labels", "image_index"))
+    negatives = np.nonzero(labels == C)[0]
+    assert len(negatives) >= 5
+    for k in negatives:
+        pos = boxes[(index == index[k]) & (labels < C)]
+        assert box_iou(torch.from_numpy(boxes[k:k + 1]), torch.from_numpy(pos)).max() == 0, k
+
+
 # --- Sec. 3.2: assembly -------------------------------------------------------------------------
 def test_template_regions_and_feature_positions():
     t = jigsaw.Template(224, 64)
