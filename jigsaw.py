@@ -81,7 +81,7 @@ Full scale (COCO train2017 on 8 GPUs, ResNet-50, then Faster R-CNN C4 fine-tunin
         --arch faster_rcnn_c4 --scratch-budget-s SECONDS   # pre-training + fine-tuning time above
     torchrun --nproc_per_node 8 jigsaw.py --stage benchmark --data /data/coco --out runs/jigsaw
     python jigsaw.py --stage erf-figure --data /data/coco --out runs/jigsaw \
-        --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth
+        --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth ImageNet=torchvision random=random
 CPU demo (about 10 minutes on 2 idle cores, from its CPU time; the tests run it at a smaller size):
     python jigsaw.py --demo
 """
@@ -162,7 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", default="", help="sample table folder (default OUT/samples)")
     s.add_argument("--weights", default="", help="stage finetune: backbone checkpoint (default OUT/pretrain/checkpoint.pth)")
     s.add_argument("--checkpoints", nargs="*", default=(),
-                   help="stage erf-figure: NAME=PATH pairs (PATH 'random': a random initialisation)")
+                   help="stage erf-figure: NAME=PATH pairs (PATH 'random': a random initialisation; "
+                        "'torchvision' or 'torchvision:<NAME>': torchvision's ImageNet weights, Fig. 6 (d))")
     s.add_argument("--erf-images", type=int, default=16, help="assembled images the ERF is averaged over (CHOICE)")
     s.add_argument("--out", default="runs/jigsaw")
     s.add_argument("--workers", type=int, default=4)
@@ -754,7 +755,7 @@ def erf_figure(args, env, checkpoints: dict, path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.detectors import load_weights
+    from common.detectors import is_torchvision, load_weights
 
     dataset = build_pretrain_data(args)
     t = dataset.template
@@ -766,7 +767,9 @@ def erf_figure(args, env, checkpoints: dict, path) -> dict:
     outside = {}
     for ax, (name, ckpt) in zip(axes[1:], checkpoints.items()):
         resnet = build_classifier(args.backbone, len(dataset.classes), norm="bn")
-        if ckpt is not None:
+        if is_torchvision(ckpt):  # ImageNet=torchvision (Fig. 6 (d)): torchvision's ImageNet weights
+            resnet = build_classifier(args.backbone, len(dataset.classes), norm="bn", pretrained=str(ckpt))
+        elif ckpt is not None:
             load_weights(resnet, ckpt, verbose=False)
         erf = effective_receptive_fields(resnet.to(env.device), images)  # (P, H, W)
         r1 = erf[t.region_of_position() == 0].sum(0)  # the top-left region's positions

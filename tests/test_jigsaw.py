@@ -248,6 +248,16 @@ def test_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert bench["pipeline_images_per_s"] > 0 and bench["model_images_per_s"] > 0
 
 
+def test_erf_figure_reads_torchvision_weights_by_name(tmp_path, torchvision_hub):
+    # Fig. 6 (d): --checkpoints ImageNet=torchvision is torchvision's ImageNet model, not a file path
+    from torchvision.models import ResNet18_Weights
+
+    args = _args(tmp_path, "--stage", "erf-figure", "--checkpoints", "ImageNet=torchvision", "random=random")
+    outside = jigsaw.main(args)
+    assert torchvision_hub == [ResNet18_Weights.IMAGENET1K_V1] and set(outside) == {"ImageNet", "random"}
+    assert 0 <= outside["ImageNet"] <= 1 and (tmp_path / "erf_fig6.png").is_file()
+
+
 def test_cli_defaults_are_the_papers():
     a = jigsaw.get_args_parser().parse_args([])
     assert (a.stage, a.strategy, a.tau, a.erf_every, a.fit) == ("pretrain", "erf", 0.7, 5000, "padcrop")
