@@ -63,10 +63,14 @@ NOTE: --arch mask_rcnn needs instance masks in the targets: the built-in synthet
 CHOICE: a VOC validation set is scored as Detectron2's PascalVOCDetectionEvaluator does (devkit AP,
     difficult objects ignored, the 11-point metric on VOC2007, AP the mean over IoU 0.50:0.95;
     `common.evaluation`), COCO by COCOeval.
-CHOICE: equal compute (Table 5, "GPU days"): the from-scratch run gets as many detector
-    iterations as fit in the compute time of Jigsaw pre-training + fine-tuning (`--scratch-budget-s`;
-    the demo passes what it measured), timed by `compute_seconds`: GPU wall-clock on CUDA, the
-    process's CPU time on the CPU (so that other jobs on a shared machine do not count).
+CHOICE: equal compute (Table 5, "GPU days"): pre-training and fine-tuning record their compute as
+    they run (`ComputeMeter`: `compute_seconds` of each rank's training loop, ERF refreshes
+    included, sample extraction and evaluation not; GPU wall-clock on CUDA, the process's CPU time
+    on the CPU, so that other jobs on a shared machine do not count), in the checkpoint (carried
+    across --resume) and in OUT/<stage>/compute.json. The from-scratch run gets their sum over
+    ranks (`--scratch-budget-s auto`) as iterations at its own compute per iteration, measured on
+    the DDP-wrapped model (gradient all-reduce included) over `--calibrate-iters` steps; its own
+    compute is recorded and reported beside the budget.
 DEVIATION: the demo runs everything at toy scale on synthetic scenes (exported to COCO format
     once): resnet18, 128 px assembled images cut at 32 px, 30 pre-training iterations at batch 16,
     Faster R-CNN FPN fine-tuned 3 epochs on 96 images; its numbers show that every stage runs,
@@ -78,7 +82,7 @@ Full scale (COCO train2017 on 8 GPUs, ResNet-50, then Faster R-CNN C4 fine-tunin
     torchrun --nproc_per_node 8 jigsaw.py --stage finetune --data /data/coco --out runs/jigsaw \
         --arch faster_rcnn_c4
     torchrun --nproc_per_node 8 jigsaw.py --stage scratch --data /data/coco --out runs/jigsaw \
-        --arch faster_rcnn_c4 --scratch-budget-s SECONDS   # pre-training + fine-tuning time above
+        --arch faster_rcnn_c4   # the compute the two stages above recorded (--scratch-budget-s auto)
     torchrun --nproc_per_node 8 jigsaw.py --stage benchmark --data /data/coco --out runs/jigsaw
     python jigsaw.py --stage erf-figure --data /data/coco --out runs/jigsaw \
         --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth ImageNet=torchvision random=random
@@ -149,9 +153,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--det-warmup-iters", type=int, default=500, help="CHOICE (Detectron's default)")
     g.add_argument("--min-size", type=int, default=800, help="detection short side (Sec. 4.1)")
     g.add_argument("--max-size", type=int, default=1333, help="detection long side (Sec. 4.1)")
-    g.add_argument("--scratch-budget-s", type=float, default=0.0,
-                   help="stage scratch: wall-clock budget (pre-training + fine-tuning) that sets its "
-                        "iterations (Tab. 5); 0 = train --det-epochs")
+    g.add_argument("--scratch-budget-s", default="auto",
+                   help="stage scratch: the compute budget (seconds over all ranks) that sets its iterations "
+                        "(Tab. 5); 'auto': the Jigsaw run's pre-training + fine-tuning compute, as recorded in "
+                        "OUT/pretrain/compute.json and OUT/finetune/compute.json; 0: train --det-epochs")
+    g.add_argument("--calibrate-iters", type=int, default=20,
+                   help="stage scratch: iterations timed to turn the budget into iterations")
 
     s = p.add_argument_group("system")
     s.add_argument("--data", default="synthetic", help="'synthetic', a COCO root or a VOC root (common.data)")
@@ -626,11 +633,15 @@ def pretrain(args, env, max_steps: int | None = None) -> Path:
         labels = torch.stack([t["region_labels"] for t in targets])  # (B, 4)
         return {f"loss_{args.strategy}": model(torch.stack(images), labels, erf.weights if erf else None)}
 
+    meter = ComputeMeter(env.device)  # Tab. 5's cost of the pre-training, ERF refreshes included
+    meter.start()
+    steps = min(args.iters, max_steps or args.iters)
     engine.train_detector(model, loader, optimizer, scheduler, epochs=math.ceil(args.iters / len(loader)),
-                          max_steps=min(args.iters, max_steps or args.iters), out_dir=out, args=args, loss_fn=loss_fn, amp=args.amp,
+                          max_steps=steps, out_dir=out, args=args, loss_fn=loss_fn, amp=args.amp,
                           checkpoint_every=args.checkpoint_every, resume=resume,
-                          extra_state={"erf": erf} if erf else None, log_every=args.log_every,
+                          extra_state={"compute": meter, **({"erf": erf} if erf else {})}, log_every=args.log_every,
                           desc=f"pretrain {args.strategy}", on_step_end=erf.on_step_end if erf else None)
+    meter.write(out, iterations=steps)
     cdist.barrier()
     return out / "checkpoint.pth"
 
@@ -675,72 +686,146 @@ def compute_seconds(device: torch.device) -> float:
     return time.process_time()
 
 
-def seconds_per_iteration(args, env, train_set, loader, scratch: bool, iters: int = 3) -> float:
-    """Calibrate the equal-compute budget: median time of a few training steps of a throwaway copy."""
-    model = make_detector(args, len(train_set.classes), scratch).to(env.device)
+class ComputeMeter:
+    """Tab. 5's cost of a training stage, recorded as it runs: `compute_seconds` of each rank's
+    training loop (ERF refreshes included), kept in the checkpoint for every rank (so --resume
+    carries it on) and written to OUT/<stage>/compute.json at the end. `total` is the sum over
+    ranks: GPU-seconds (the paper's GPU days), or CPU-seconds on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.carried, self.t0 = device, 0.0, None
+
+    def start(self) -> None:
+        self.t0 = compute_seconds(self.device)
+
+    def seconds(self) -> float:
+        """This rank's compute so far (the run it resumed included)."""
+        return self.carried + (compute_seconds(self.device) - self.t0 if self.t0 is not None else 0.0)
+
+    def state_dict(self) -> dict:  # called on every rank (the checkpoint is a collective)
+        return {"per_rank_s": cdist.all_gather_object(self.seconds())}
+
+    def load_state_dict(self, state: dict) -> None:
+        per_rank = state["per_rank_s"]
+        self.carried = float(per_rank[cdist.get_rank() % len(per_rank)])
+
+    def write(self, out_dir, **extra) -> dict:
+        """Every rank's compute and their sum into out_dir/compute.json (a collective); returns it."""
+        per_rank = cdist.all_gather_object(self.seconds())
+        record = {"per_rank_s": per_rank, "total_s": float(sum(per_rank)), "world_size": len(per_rank),
+                  "clock": "cuda wall-clock" if self.device.type == "cuda" else "process CPU time", **extra}
+        if cdist.is_main():
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            cdata.write_json_atomic(record, Path(out_dir) / "compute.json")
+        return record
+
+
+def read_compute(stage_dir) -> float:
+    """The total compute (seconds summed over ranks) a finished stage recorded in compute.json."""
+    path = Path(stage_dir) / "compute.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the equal-compute budget of --stage scratch is the Jigsaw run's "
+                                f"pre-training + fine-tuning compute, which those stages write when they finish; run "
+                                f"them first into this --out, or pass --scratch-budget-s SECONDS")
+    return float(json.loads(path.read_text())["total_s"])
+
+
+def finetune_dir(args, scratch: bool = False) -> Path:
+    return Path(args.out) / ("scratch" if scratch else
+                             ("finetune" if args.strategy == "erf" else f"finetune_{args.strategy}"))
+
+
+def scratch_budget(args) -> float:
+    """Tab. 5: the compute the from-scratch detector gets (seconds over all ranks): --scratch-budget-s,
+    or ('auto') what the Jigsaw run's pre-training and fine-tuning recorded."""
+    if args.scratch_budget_s != "auto":
+        return float(args.scratch_budget_s)
+    return read_compute(pretrain_dir(args)) + read_compute(finetune_dir(args))
+
+
+def seconds_per_iteration(model, loader, env, amp: bool, iters: int) -> float:
+    """Compute of one training iteration of `model` as it will train (DDP-wrapped, so the gradient
+    all-reduce counts), summed over ranks: the median of `iters` steps after a warm-up step. The
+    optimizer has LR 0 and the model no running statistics (GroupNorm), so the weights stay as built."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     times = []
     cdata.set_epoch(loader, 0)
-    for k, (images, targets) in zip(range(iters + 1), loader):
-        t0 = compute_seconds(env.device)
-        with engine.autocast(env.device, args.amp):  # the precision the training will run at
-            loss = sum(model([im.to(env.device) for im in images], engine._to_device(targets, env.device)).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if k:  # the first step warms up allocators and caches
+    while len(times) < iters:
+        for images, targets in loader:
+            t0 = compute_seconds(env.device)
+            with engine.autocast(env.device, amp):  # the precision the training will run at
+                losses = model([im.to(env.device) for im in images], engine._to_device(targets, env.device))
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
             times.append(compute_seconds(env.device) - t0)
-    return float(np.median(times))
+            if len(times) > iters:
+                break
+    return float(sum(cdist.all_gather_object(float(np.median(times[1:])))))
+
+
+def detector_schedule(args, iters_per_epoch: int) -> dict:
+    """The 1x schedule (Sec. 4.1): --det-epochs, LR x0.1 at --det-steps epochs, in iterations."""
+    return {"iterations": args.det_epochs * iters_per_epoch,
+            "milestones": [s * iters_per_epoch for s in args.det_steps]}
+
+
+def scratch_schedule(args, env, model, loader) -> dict:
+    """Tab. 5: the from-scratch run's iterations = its budget / its measured compute per iteration,
+    the 1x schedule's LR steps (9/13, 12/13) at the same fractions. Written to OUT/scratch/schedule.json
+    by the first run; a resumed run reads it back (its calibration must not change)."""
+    path = finetune_dir(args, scratch=True) / "schedule.json"
+    if args.resume and path.is_file():
+        return json.loads(path.read_text())
+    budget = scratch_budget(args)
+    if budget <= 0:
+        return detector_schedule(args, len(loader))
+    sec = seconds_per_iteration(model, loader, env, args.amp, args.calibrate_iters)
+    cdist.seed_everything(args.seed)  # training starts from the same RNG state as without calibration
+    n = max(1, round(budget / sec))
+    schedule = {"budget_s": budget, "seconds_per_iteration": sec, "iterations": n,
+                "milestones": [round(n * s / args.det_epochs) for s in args.det_steps]}
+    if cdist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cdata.write_json_atomic(schedule, path)
+    print(f"[scratch] {sec:.3f}s per iteration (all ranks): {n} iterations fit the budget of {budget:.0f}s")
+    return schedule
 
 
 def finetune(args, env, scratch: bool = False) -> dict:
-    """Fine-tune a detector from the Jigsaw checkpoint (or from scratch with GroupNorm), evaluate on
-    --val-split; returns the COCO metrics plus the training wall-clock."""
-    name = "scratch" if scratch else ("finetune" if args.strategy == "erf" else f"finetune_{args.strategy}")
-    out = Path(args.out) / name
+    """Fine-tune a detector from the Jigsaw checkpoint (or from scratch with GroupNorm at the
+    equal-compute budget), evaluate on --val-split; returns the metrics with the training's compute."""
+    out = finetune_dir(args, scratch)
+    name = out.name
     weights = None if scratch else (args.weights or str(pretrain_dir(args) / "checkpoint.pth"))
     train_set, loader, val_loader = detection_data(args, env)
     C = len(train_set.classes)
     if args.arch == "mask_rcnn" and "masks" not in train_set[0][1]:
         raise ValueError(f"--arch mask_rcnn needs instance masks, and {args.data} yields none; "
                          f"use faster_rcnn_c4 / faster_rcnn_fpn")
-    iters_per_epoch = len(loader)
-    epochs, steps = args.det_epochs, list(args.det_steps)
-    schedule_file = out / "schedule.json"
     resume = engine.resolve_resume(args.resume, out, run_dir=args.out if args.demo else None)
-    if scratch and args.scratch_budget_s > 0 and resume is not None and schedule_file.is_file():
-        epochs, steps = json.loads(schedule_file.read_text())["epochs_steps"]  # the calibration of the first run
-    elif scratch and args.scratch_budget_s > 0:
-        # Tab. 5: as many iterations as the Jigsaw run's pre-training + fine-tuning took, with the
-        # 1x schedule's step epochs stretched in proportion.
-        sec = cdist.broadcast_object(seconds_per_iteration(args, env, train_set, loader, scratch=True))
-        epochs = max(1, round(args.scratch_budget_s / (sec * iters_per_epoch)))
-        steps = [round(s * epochs / args.det_epochs) for s in args.det_steps]
-        if cdist.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            schedule_file.write_text(json.dumps({"seconds_per_iteration": sec, "epochs_steps": [epochs, steps]}))
-        print(f"[scratch] {sec:.3f}s/iteration: {epochs} epochs fit the budget of {args.scratch_budget_s:.0f}s")
     cdist.seed_everything(args.seed)
-    model = make_detector(args, C, scratch, weights).to(env.device)
+    model = cdist.wrap_ddp(make_detector(args, C, scratch, weights).to(env.device), env)
+    schedule = scratch_schedule(args, env, model, loader) if scratch else detector_schedule(args, len(loader))
+    n = schedule["iterations"]
     lr = args.det_lr * args.det_batch_size / 16  # Sec. 4.1: 0.02 at batch 16, scaled linearly
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    scheduler = engine.build_scheduler(optimizer, epochs * iters_per_epoch,
-                                       min(args.det_warmup_iters, epochs * iters_per_epoch // 4), 0.001, "step",
-                                       [s * iters_per_epoch for s in steps])
-    model = cdist.wrap_ddp(model, env)
-    t0 = compute_seconds(env.device)
-    engine.train_detector(model, loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args, amp=args.amp,
-                          checkpoint_every=args.checkpoint_every,
-                          resume=resume, log_every=args.log_every,
-                          desc=name)
-    train_s = compute_seconds(env.device) - t0
+    scheduler = engine.build_scheduler(optimizer, n, min(args.det_warmup_iters, n // 4), 0.001, "step",
+                                       schedule["milestones"])
+    meter = ComputeMeter(env.device)
+    meter.start()
+    engine.train_detector(model, loader, optimizer, scheduler, epochs=math.ceil(n / len(loader)), max_steps=n,
+                          out_dir=out, args=args, amp=args.amp, checkpoint_every=args.checkpoint_every,
+                          resume=resume, extra_state={"compute": meter}, log_every=args.log_every, desc=name)
+    compute = meter.write(out, iterations=n)
     metrics = evaluate_detector(cdist.unwrap(model), val_loader, env.device, metric=evaluation_metric(args.data))
-    metrics.update(train_compute_s=train_s, epochs=epochs, iterations=epochs * iters_per_epoch)
+    metrics.update(train_compute_s=compute["total_s"], iterations=n, budget_s=schedule.get("budget_s"))
     if cdist.is_main():
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        cdata.write_json_atomic(metrics, out / "metrics.json")
+        budget = f", budget {schedule['budget_s']:.0f}s" if schedule.get("budget_s") else ""
         print(f"[{name}] AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} AP75 {metrics['AP75']:.4f} "
-              f"({epochs} epochs, {train_s:.0f}s)")
+              f"({n} iterations, {compute['total_s']:.0f}s of compute{budget})")
     return metrics
 
 

@@ -64,7 +64,7 @@ def test_negatives_are_exclusive_with_the_positive_samples(tmp_path):
     jigsaw.extract_samples(ds, tmp_path / "samples", seed=0)
     table = jigsaw.load_sample_table(tmp_path / "samples")
     C = len(ds.classes)
-    boxes, labels, index = (np.asarray(table[k]) for k in ("boxes", "labels", "image_index"))
+    boxes, labels, index = (np.array(table[k]) for k in ("boxes", "labels", "image_index"))
     negatives = np.nonzero(labels == C)[0]
     assert len(negatives) >= 5
     for k in negatives:
@@ -212,6 +212,38 @@ def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     assert torch.equal(a["extra"]["erf"]["weights"], b["extra"]["erf"]["weights"])
     w = a["extra"]["erf"]["weights"]
     assert w.shape == (4, 4) and torch.allclose(w.sum(1), torch.ones(4))
+
+
+def test_pretrain_compute_is_recorded_per_rank_and_carried_across_resume(tmp_path):
+    # Tab. 5's cost: recorded as the pre-training runs, in the checkpoint (every rank) and compute.json
+    args = _args(tmp_path, "--iters", "4", "--checkpoint-every", "1")
+    path = jigsaw.pretrain(args, _env(), max_steps=3)
+    state = torch.load(path, weights_only=True)
+    per_rank = state["extra"]["compute"]["per_rank_s"]
+    assert len(per_rank) == 1 and per_rank[0] > 0
+    state["extra"]["compute"]["per_rank_s"] = [1000.0]  # as if the first 3 steps had cost 1000 s
+    torch.save(state, path)
+    jigsaw.pretrain(_args(tmp_path, "--iters", "4", "--resume", "auto"), _env())
+    record = json.loads((path.parent / "compute.json").read_text())
+    assert record["world_size"] == 1 and 1000 < record["total_s"] < 1000 + 600  # carried on, plus step 4
+    assert record["iterations"] == 4
+
+
+def test_scratch_gets_exactly_the_jigsaw_runs_recorded_compute(tmp_path):
+    env = _env()
+    det = [*DET, "--num-images", "8"]
+    jigsaw.pretrain(_args(tmp_path, "--iters", "2"), env)
+    tuned = jigsaw.finetune(_args(tmp_path, *det), env)
+    budget = sum(json.loads((tmp_path / d / "compute.json").read_text())["total_s"] for d in ("pretrain", "finetune"))
+    assert tuned["train_compute_s"] == json.loads((tmp_path / "finetune" / "compute.json").read_text())["total_s"]
+    scratch = jigsaw.finetune(_args(tmp_path, *det, "--calibrate-iters", "2"), env, scratch=True)  # --scratch-budget-s auto
+    schedule = json.loads((tmp_path / "scratch" / "schedule.json").read_text())
+    assert schedule["budget_s"] == pytest.approx(budget)
+    assert schedule["iterations"] == max(1, round(budget / schedule["seconds_per_iteration"]))
+    assert scratch["iterations"] == schedule["iterations"] and scratch["budget_s"] == pytest.approx(budget)
+    assert scratch["train_compute_s"] > 0  # the scratch run's own compute, reported beside its budget
+    with pytest.raises(FileNotFoundError, match="--scratch-budget-s"):
+        jigsaw.finetune(_args(tmp_path / "other", *det), env, scratch=True)
 
 
 def test_amp_pretrain_and_finetune_steps_on_the_cpu(tmp_path, monkeypatch):
