@@ -110,7 +110,6 @@ from torchvision.ops import box_iou
 from common import data as cdata
 from common import distributed as cdist
 from common import engine
-from common.synthetic import export_coco
 from common.detectors import build_classifier, build_detector
 from common.evaluation import evaluate_detector, evaluation_metric
 
@@ -919,64 +918,129 @@ def benchmark(args, env, batches: int = 10) -> dict:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-DEMO_SETTINGS = dict(  # toy scale (DEVIATION, see the header); everything else as the paper
-    backbone="resnet18", input_size=128, split=32, batch_size=16, iters=30, warmup_iters=5, erf_every=15,
-    erf_images=4, arch="faster_rcnn_fpn", det_epochs=3, det_steps=[2], det_batch_size=8, det_warmup_iters=10,
-    min_size=128, max_size=128, workers=0, log_every=10, checkpoint_every=10**9,
-    det_kwargs=json.dumps({"anchor_sizes": [16, 32, 64, 128, 256], "rpn_batch_size_per_image": 64,
-                           "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
-                           "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
-                           "box_batch_size_per_image": 32}))
-DEMO_DATA = dict(train=96, val=48, image_size=128)
+DEMO = dict(  # the CPU demo (DEVIATION, see the header); the recipe is common.demo's
+    train_scenes=400, val_scenes=300, input_size=192, split=64, scale_range=(1.6, 3.0), pretrain_batch=8,
+    pretrain_steps=24, erf_images=1, finetune_steps=80, calibrate_steps=(8, 12))
+DEMO_STRATEGIES = {"erf": "ERF-adaptive Dense Cls.", "blockwise": "Block-wise Cls.", "global": "Global Cls."}
+
+
+def demo_pretrain(resnet, assembly: JigsawAssembly, strategy: str, steps: int, batch: int, seed: int,
+                  tau: float = 0.7, erf_images: int = 1) -> float:
+    """Jigsaw pre-training at the demo recipe (common.demo's classifier optimiser and one-cycle LR;
+    Eq. 2's weights refreshed at step 0 and half-way); returns its compute (`compute_seconds`)."""
+    from common.demo import demo_optimizer, one_cycle
+
+    device = next(resnet.parameters()).device
+    t = assembly.template
+    model = JigsawModel(resnet, strategy, t, len(assembly.classes))
+    optimizer = demo_optimizer(model.parameters(), "classifier")
+    scheduler = one_cycle(optimizer, steps, max(1, steps // 4))
+    t0 = compute_seconds(device)
+    erf = None
+    if strategy == "erf":
+        erf = ErfWeights(resnet, assembly, tau, max(1, steps // 2), steps, erf_images, seed, device)
+        erf.refresh()
+    torch.manual_seed(seed)
+    model.train()
+    for step in range(1, steps + 1):
+        items = [assembly[i] for i in range(batch)]  # each item draws its four samples at random
+        images = torch.stack([x for x, _ in items]).to(device)
+        labels = torch.stack([y["region_labels"] for _, y in items]).to(device)
+        loss = model(images, labels, erf.weights if erf else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if erf:
+            erf.on_step_end(step)
+        if step % 10 == 0 or step == steps:
+            print(f"pretrain {strategy} step {step}/{steps} loss {loss.item():.3f}")
+    return compute_seconds(device) - t0
+
+
+def demo_finetune(model, train_set, steps: int, seed: int) -> float:
+    """common.demo's detector training; returns its compute (`compute_seconds`)."""
+    from common.demo import train_demo_detector
+
+    device = next(model.parameters()).device
+    t0 = compute_seconds(device)
+    train_demo_detector(model, train_set, steps, seed=seed)
+    return compute_seconds(device) - t0
+
+
+def demo_seconds_per_step(train_set, num_classes: int, seed: int, steps=(8, 12)) -> float:
+    """The scratch detector's compute per step: the difference of two short runs of a throwaway
+    copy, over their difference in steps (start-up costs cancel)."""
+    from common.demo import build_demo_detector
+
+    cost = []
+    for n in steps:
+        torch.manual_seed(seed)
+        cost.append(demo_finetune(build_demo_detector(num_classes, norm="gn"), train_set, n, seed))
+    return max(1e-6, (cost[1] - cost[0]) / (steps[1] - steps[0]))
 
 
 def demo(args, env) -> dict:
-    """Every stage at toy scale on synthetic scenes (exported once to COCO format); prints the
-    tables it measured. Costs are `compute_seconds` (CPU time of this process on the CPU)."""
+    """Tab. 5 and Tab. 2 on the benchmark's synthetic scenes at common.demo's recipe; writes
+    OUT/demo.json. Costs are `compute_seconds` (this process's CPU time on the CPU)."""
+    from common.demo import build_demo_detector, claim, evaluate_demo_detector, write_demo_result
+    from common.synthetic import SyntheticDetection
+
     wall0 = time.time()
-    for key, value in DEMO_SETTINGS.items():
-        setattr(args, key, value)
     out = Path(args.out)
-    coco = out / "coco"
-    if not (coco / "annotations" / "instances_val.json").is_file():
-        for split in ("train", "val"):
-            synthetic = cdata.build_detection_dataset("synthetic", split, num_images=DEMO_DATA[split],
-                                                      image_size=DEMO_DATA["image_size"], seed=args.seed)
-            export_coco(synthetic, coco, split)
-    args.data, args.train_split, args.val_split = str(coco), "train", "val"
-    dataset = build_pretrain_data(args)  # Sec. 3.1: the sample table, written once
-    meta = load_sample_table(out / "samples")["meta"]
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: the demo writes a fresh folder; pass another --out")
+    d, s = DEMO, args.seed
+    train_set = SyntheticDetection(d["train_scenes"], 64, seed=1000 * s + 1, cache=out / "cache")
+    val_set = SyntheticDetection(d["val_scenes"], 64, seed=1000 * s + 2, cache=out / "cache")
+    C = len(train_set.classes)
+    extract_samples(train_set, out / "samples", s)  # Sec. 3.1
+    table = load_sample_table(out / "samples")
+    assembly = JigsawAssembly(train_set, table, Template(d["input_size"], d["split"]), "padcrop", d["scale_range"])
     rows, cost = {}, {}
-    for strategy in ("erf", "blockwise"):  # Tab. 2 (global classification: --strategy global)
-        args.strategy = strategy
-        t0 = compute_seconds(env.device)
-        pretrain(args, env)
-        cost[strategy] = compute_seconds(env.device) - t0
-        rows[strategy] = finetune(args, env)
-        cost[strategy] += rows[strategy]["train_compute_s"]
-    args.strategy = "erf"
-    args.scratch_budget_s = cost["erf"]  # Tab. 5: scratch gets Jigsaw's pre-training + fine-tuning compute
-    rows["scratch"] = finetune(args, env, scratch=True)
-    fig = out / "erf_fig6.png"
-    outside = erf_figure(args, env, {"random init": None,
-                                     "block-wise": out / "pretrain_blockwise" / "checkpoint.pth",
-                                     "ERF-adaptive": out / "pretrain" / "checkpoint.pth"}, fig)
-    fmt = lambda m: f"{100 * m['AP']:.1f} | {100 * m['AP50']:.1f} | {100 * m['AP75']:.1f}"
-    print(f"\nSample table (Sec. 3.1): {meta['positives']} positives, {meta['negatives']} negatives from "
-          f"{meta['num_images']} images; aspect groups {({g: len(v) for g, v in dataset.groups.items()})}")
-    print(f"\nTable 2: classification strategy ({args.backbone}, {args.iters} pre-training iterations, then "
-          f"{args.arch} for {args.det_epochs} epochs; COCO AP on {DEMO_DATA['val']} synthetic images)")
-    print("| strategy | AP | AP50 | AP75 | ERF mass of R1's positions outside R1 (Fig. 6) |\n|---|---|---|---|---|")
-    print(f"| Block-wise Cls. | {fmt(rows['blockwise'])} | {100 * outside['block-wise']:.0f}% |")
-    print(f"| ERF-adaptive Dense Cls. | {fmt(rows['erf'])} | {100 * outside['ERF-adaptive']:.0f}% |")
-    print(f"(random initialisation: {100 * outside['random init']:.0f}% outside R1; figure: {fig})")
-    print("\nTable 5: equal total compute (CPU seconds of this process; GPU seconds on CUDA)")
-    print("| method | total cost (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
-    print(f"| Scratch (GN), {rows['scratch']['epochs']} epochs | {rows['scratch']['train_compute_s']:.0f} | "
-          f"{fmt(rows['scratch'])} |")
-    print(f"| Jigsaw + {args.det_epochs} epochs | {cost['erf']:.0f} | {fmt(rows['erf'])} |")
-    print(f"\ndemo wall-clock: {time.time() - wall0:.0f}s")
-    return {"rows": rows, "cost": cost, "erf_outside_r1": outside}
+    for strategy in DEMO_STRATEGIES:  # Tab. 2: the same pre-training and fine-tuning, three losses
+        torch.manual_seed(s)
+        resnet = build_classifier("resnet18", len(assembly.classes), norm="bn")
+        pre = demo_pretrain(resnet, assembly, strategy, d["pretrain_steps"], d["pretrain_batch"], s,
+                            args.tau, d["erf_images"])
+        torch.manual_seed(s)
+        detector = build_demo_detector(C, pretrained=resnet.state_dict())
+        ft = demo_finetune(detector, train_set, d["finetune_steps"], s)
+        rows[strategy] = evaluate_demo_detector(detector, val_set)
+        cost[strategy] = {"pretrain_s": pre, "finetune_s": ft, "total_s": pre + ft}
+    # Tab. 5: the GroupNorm detector from scratch gets the ERF-adaptive run's pre-training + fine-tuning compute
+    budget = cost["erf"]["total_s"]
+    per_step = demo_seconds_per_step(train_set, C, s, d["calibrate_steps"])
+    steps = max(1, round(budget / per_step))
+    torch.manual_seed(s)
+    scratch = build_demo_detector(C, norm="gn")
+    used = demo_finetune(scratch, train_set, steps, s)
+    rows["scratch"] = evaluate_demo_detector(scratch, val_set)
+    cost["scratch"] = {"budget_s": budget, "seconds_per_step": per_step, "steps": steps, "total_s": used}
+
+    fmt = lambda m: f"{m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f}"
+    groups = {g: int(len(v)) for g, v in assembly.groups.items()}
+    print(f"\nSample table (Sec. 3.1): {table['meta']['positives']} positives, {table['meta']['negatives']} negatives "
+          f"from {d['train_scenes']} scenes; aspect groups {groups}")
+    print(f"\nTable 5: equal total compute (CPU seconds of this process); COCO AP on {d['val_scenes']} held-out scenes")
+    print("| method | compute (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
+    print(f"| Scratch (GN), {steps} steps (budget {budget:.0f} s) | {used:.0f} | {fmt(rows['scratch'])} |")
+    print(f"| Jigsaw ({d['pretrain_steps']} steps) + {d['finetune_steps']} steps | {budget:.0f} | {fmt(rows['erf'])} |")
+    print("\nTable 2: classification strategy (same pre-training and fine-tuning)")
+    print("| strategy | compute (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
+    for k, name in DEMO_STRATEGIES.items():
+        print(f"| {name} | {cost[k]['total_s']:.0f} | {fmt(rows[k])} |")
+    wall = time.time() - wall0
+    tables = {"table5": {"scratch_gn": {**rows["scratch"], **cost["scratch"]},
+                         "jigsaw_erf": {**rows["erf"], **cost["erf"]}},
+              "table2": {DEMO_STRATEGIES[k]: {**rows[k], **cost[k]} for k in DEMO_STRATEGIES},
+              "samples": {**{k: v for k, v in table["meta"].items() if k != "classes"}, "aspect_groups": groups},
+              "settings": {**DEMO, "detector": "faster_rcnn_fpn (common.demo.build_demo_detector)"}}
+    claims = [claim("Jigsaw + fine-tune > scratch (GN) at equal compute", "AP50",
+                    ("Jigsaw (ERF-adaptive) + fine-tune", rows["erf"]["AP50"]), ("scratch (GN)", rows["scratch"]["AP50"]))]
+    write_demo_result(out, "jigsaw.py", s, wall, claims, tables)
+    print(f"\ndemo wall-clock: {wall:.0f}s")
+    return {"rows": rows, "cost": cost}
 
 
 def main(args):
