@@ -465,7 +465,10 @@ class JigsawAssembly(Dataset):
     normalised, {"region_labels": (4,) long in the order R1..R4}). Each item draws 2 S, 1 T and 1 W
     samples with torch's global RNG (common.data.SeededDataset makes that a function of
     (seed, epoch, index)); crops are read from the source images of `dataset` (no transforms).
-    An epoch is len(table) / 4 images: every sample about once."""
+    An epoch is len(table) / 4 images, i.e. as many sample draws as the table holds samples. The
+    groups are drawn 2 : 1 : 1 (S : T : W) whatever their sizes, so a sample is drawn on average
+    `draws_per_epoch()[group]` times per epoch: about once only when the groups are balanced; in
+    an S-heavy table each T and W sample is drawn several times and each S sample less than once."""
 
     def __init__(self, dataset, table: dict, template: Template, fit: str = "padcrop",
                  scale_range=(0.8, 1.5)):
@@ -478,6 +481,11 @@ class JigsawAssembly(Dataset):
 
     def __len__(self) -> int:
         return max(1, len(self.labels) // 4)
+
+    def draws_per_epoch(self) -> dict[str, float]:
+        """Expected draws of one sample of each group per epoch: 2 S, 1 T and 1 W per image."""
+        per_image = {"S": 2, "T": 1, "W": 1}
+        return {g: len(self) * per_image[g] / len(idx) for g, idx in self.groups.items()}
 
     def _draw(self, group: str) -> int:
         idx = self.groups[group]
@@ -596,7 +604,11 @@ def build_pretrain_data(args) -> JigsawAssembly:
     if table["meta"]["num_images"] != len(source):
         raise ValueError(f"sample table {samples} was extracted from {table['meta']['num_images']} images, but "
                          f"--data holds {len(source)}: remove the folder or pass another --samples")
-    return JigsawAssembly(source, table, Template(args.input_size, args.split), args.fit, args.scale_range)
+    dataset = JigsawAssembly(source, table, Template(args.input_size, args.split), args.fit, args.scale_range)
+    if cdist.is_main():
+        print(f"[samples] an epoch is {len(dataset)} assembled images; draws per sample per epoch: "
+              + ", ".join(f"{g} {v:.2f} ({len(dataset.groups[g])} samples)" for g, v in dataset.draws_per_epoch().items()))
+    return dataset
 
 
 def pretrain_dir(args) -> Path:

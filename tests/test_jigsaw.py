@@ -116,6 +116,22 @@ def test_assembly_places_each_group_in_its_region():
             assert (raw[:, y1:y2, x1:x2] == k).all()  # warp fills the whole region with sample k
 
 
+def test_epoch_draw_counts_follow_the_group_sizes():
+    # 40 S, 4 T, 4 W samples: an epoch (12 images) draws each T / W sample 3 times, each S sample 0.6 times
+    boxes = [[0, 0, 20, 20]] * 40 + [[0, 0, 10, 40]] * 4 + [[0, 0, 40, 10]] * 4
+    ds = jigsaw.JigsawAssembly(_Solid(), _table(boxes, [0] * 48), jigsaw.Template(224, 64))
+    expected = ds.draws_per_epoch()
+    assert len(ds) == 12 and expected == pytest.approx({"S": 0.6, "T": 3.0, "W": 3.0})
+    torch.manual_seed(0)
+    counts = np.zeros(48)
+    epochs = 200
+    for _ in range(epochs * len(ds)):
+        np.add.at(counts, ds.choose(), 1)
+    for g, idx in ds.groups.items():
+        assert counts[idx].mean() / epochs == pytest.approx(expected[g], rel=0.05), g
+    assert "about once only when the groups are balanced" in jigsaw.JigsawAssembly.__doc__
+
+
 def test_padcrop_pads_small_and_crops_large_samples():
     torch.manual_seed(0)
     small = jigsaw.fit_to_region(torch.ones(3, 10, 20), (64, 64), "padcrop", 1.0, False)
