@@ -626,7 +626,7 @@ def pretrain(args, env, max_steps: int | None = None) -> Path:
     per_rank = args.batch_size // env.world_size
     lr = args.lr * args.batch_size / 512
     loader = cdata.build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
-                                group_by_aspect_ratio=False)
+                                group_by_aspect_ratio=False, persistent_workers=True)  # no re-fork per epoch
     cdist.seed_everything(args.seed)
     resnet = build_classifier(args.backbone, K, norm="bn").to(env.device)
     model = cdist.wrap_ddp(JigsawModel(resnet, args.strategy, dataset.template, K), env)
@@ -669,7 +669,7 @@ def detection_data(args, env):
     val_set = cdata.build_detection_dataset(args.data, args.val_split, cdata.detection_transforms(False), **kw)
     # --det-batch-size is the global detection batch (16 in Sec. 4.1); each rank takes batch / world.
     train_loader = cdata.build_loader(train_set, args.det_batch_size // env.world_size, train=True,
-                                      workers=args.workers, seed=args.seed)
+                                      workers=args.workers, seed=args.seed, persistent_workers=True)
     val_loader = cdata.build_loader(val_set, max(1, args.det_batch_size // env.world_size), train=False,
                                     workers=args.workers)
     return train_set, train_loader, val_loader

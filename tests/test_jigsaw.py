@@ -306,6 +306,19 @@ def test_erf_figure_reads_torchvision_weights_by_name(tmp_path, torchvision_hub)
     assert 0 <= outside["ImageNet"] <= 1 and (tmp_path / "erf_fig6.png").is_file()
 
 
+def test_training_loaders_keep_their_workers_across_epochs(tmp_path, monkeypatch):
+    # ~140 epochs on COCO: the pre-training and fine-tuning loaders fork their workers once
+    seen = []
+    real = jigsaw.cdata.build_loader
+    monkeypatch.setattr(jigsaw.cdata, "build_loader", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    args = _args(tmp_path, *DET, "--workers", "2")
+    jigsaw.build_pretrain_data(args)
+    train, val = jigsaw.detection_data(args, _env())[1:]
+    assert train.persistent_workers and train.num_workers == 2
+    jigsaw.pretrain(_args(tmp_path, "--iters", "1"), _env())
+    assert [kw.get("persistent_workers", False) for kw in seen] == [True, False, True]  # train, val, pretrain
+
+
 def test_cli_defaults_are_the_papers():
     a = jigsaw.get_args_parser().parse_args([])
     assert (a.stage, a.strategy, a.tau, a.erf_every, a.fit) == ("pretrain", "erf", 0.7, 5000, "padcrop")
