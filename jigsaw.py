@@ -71,11 +71,18 @@ CHOICE: equal compute (Table 5, "GPU days"): pre-training and fine-tuning record
     ranks (`--scratch-budget-s auto`) as iterations at its own compute per iteration, measured on
     the DDP-wrapped model (gradient all-reduce included) over `--calibrate-iters` steps; its own
     compute is recorded and reported beside the budget.
-DEVIATION: the demo runs everything at toy scale on synthetic scenes (exported to COCO format
-    once): resnet18, 128 px assembled images cut at 32 px, 30 pre-training iterations at batch 16,
-    Faster R-CNN FPN fine-tuned 3 epochs on 96 images; its numbers show that every stage runs,
-    not the paper's gains.
-
+DEVIATION: the CPU demo (`--demo`) runs on the benchmark's synthetic 64-px scenes (400 training,
+    300 held-out) at common.demo's recipe (ResNet-18 with trainable BN, AdamW, one-cycle LR; the
+    pre-training uses the recipe's classifier optimiser, the detectors its detector training), not
+    the paper's SGD schedules: a 192-px template cut at 64 px (R1 spans 2x2 feature cells; R3's
+    aspect 0.5 sits on the T / S boundary), samples resized by 2 x [0.8, 1.5] (the scenes' objects,
+    13-35 px, are far smaller against the template than COCO's), batch 8, 24 iterations, Eq. 2's
+    weights from one image at steps 0 and 12; Faster R-CNN R18-FPN (`build_demo_detector`), not C4:
+    at 64 px C4's res5 box head on every RoI made a training step 2-3x and evaluation 3-7x dearer
+    than FPN on this CPU, which the demo's budget cannot hold. Tab. 5: the GroupNorm detector from
+    scratch gets the ERF-adaptive run's measured pre-training + fine-tuning CPU time as steps at its
+    own measured CPU time per step. Tab. 2: the three strategies with the same pre-training and
+    fine-tuning (a table, no claim).
 Full scale (COCO train2017 on 8 GPUs, ResNet-50, then Faster R-CNN C4 fine-tuning):
     python jigsaw.py --stage extract --data /data/coco --out runs/jigsaw     # the sample table, once
     torchrun --nproc_per_node 8 jigsaw.py --stage pretrain --data /data/coco --out runs/jigsaw
@@ -86,8 +93,9 @@ Full scale (COCO train2017 on 8 GPUs, ResNet-50, then Faster R-CNN C4 fine-tunin
     torchrun --nproc_per_node 8 jigsaw.py --stage benchmark --data /data/coco --out runs/jigsaw
     python jigsaw.py --stage erf-figure --data /data/coco --out runs/jigsaw \
         --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth ImageNet=torchvision random=random
-CPU demo (about 10 minutes on 2 idle cores, from its CPU time; the tests run it at a smaller size):
-    python jigsaw.py --demo
+CPU demo (Tab. 5 and Tab. 2 into OUT/demo.json; the tests run it at a smaller size):
+    python jigsaw.py --demo --seed 0 --out runs/jigsaw_demo
+    python -m common.demo --script jigsaw.py --seeds 0 1 2      # mean +- std into results/jigsaw.md
 """
 from __future__ import annotations
 
@@ -181,156 +189,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between pre-training checkpoints")
     s.add_argument("--log-every", type=int, default=20)
     s.add_argument("--det-kwargs", default="{}", help="JSON dict passed to build_detector (e.g. anchor_sizes)")
-    s.add_argument("--demo", action="store_true", help="the CPU demo: every stage at toy scale, then the tables")
+    s.add_argument("--demo", action="store_true", help="the CPU demo: Tab. 5 (Jigsaw vs scratch at equal compute) and "
+                                                         "Tab. 2 on synthetic scenes, into OUT/demo.json")
+    s.add_argument("--demo-strategies", nargs="+", default=("erf", "blockwise", "global"),
+                   choices=("erf", "blockwise", "global"),
+                   help="--demo: the Tab. 2 rows to train (erf is always trained: Tab. 5 compares it with scratch)")
     return p
 
 
 # ---------------------------------------------------------------------------------------------
-# Model pieces: the Jigsaw template (Sec. 3.2, Fig. 4) and the backbone (Sec. 3.3)
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Template:
-    """A square `size` input cut at `split` px on both axes (CHOICE, see the header).
-    Regions, in the order R1..R4: top-left (smaller S), top-right (W), bottom-left (T), bottom-right
-    (larger S). `stride` is the last feature map's stride (32 for a ResNet)."""
-    size: int = 224
-    split: int = 64
-    stride: int = 32
-
-    def __post_init__(self):
-        if self.size % self.stride or self.split % self.stride or not 0 < self.split < self.size:
-            raise ValueError(f"template: --input-size {self.size} and --split {self.split} must be multiples of the "
-                             f"stride {self.stride} with 0 < split < size, so that no feature cell straddles two regions")
-
-    @property
-    def boxes(self) -> list[tuple[int, int, int, int]]:  # (x1, y1, x2, y2) in input pixels
-        s, c = self.size, self.split
-        return [(0, 0, c, c), (c, 0, s, c), (0, c, c, s), (c, c, s, s)]
-
-    @property
-    def feature_hw(self) -> tuple[int, int]:
-        return self.size // self.stride, self.size // self.stride
-
-    def input_masks(self) -> torch.Tensor:
-        """(4, size, size) bool: M^i of Eq. 2, a partition of the input."""
-        m = torch.zeros(4, self.size, self.size, dtype=torch.bool)
-        for i, (x1, y1, x2, y2) in enumerate(self.boxes):
-            m[i, y1:y2, x1:x2] = True
-        return m
-
-    def region_of_position(self) -> torch.Tensor:
-        """(P,) long: the region r of each feature position (j, k), row-major, from its cell centre."""
-        h, w = self.feature_hw
-        centre = (torch.arange(h) + 0.5) * self.stride
-        below = (centre >= self.split).long()
-        return (below[:, None] * 2 + below[None, :]).flatten()  # (P,): 0 TL, 1 TR, 2 BL, 3 BR
-
-    def areas(self) -> torch.Tensor:
-        return torch.tensor([float((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in self.boxes])
-
-
-def backbone_features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """X of Sec. 3.3: the ResNet's last feature map before average pooling, (B, D, H/32, W/32)."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
-
-
-def dense_logits(net: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
-    """The 1x1 conv classifier of Fig. 5: the ResNet's fc applied at every position, (B, K, h, w)."""
-    return F.conv2d(feats, net.fc.weight[:, :, None, None], net.fc.bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses (Sec. 3.3): pure functions
-# ---------------------------------------------------------------------------------------------
-def erf_label_weights(erf: torch.Tensor, region_masks: torch.Tensor, region_of_position: torch.Tensor,
-                      tau: float = 0.7) -> torch.Tensor:
-    """Eq. 2: (P, 4) weights w[p, i] of the four region labels at each feature position p.
-
-    erf (P, H, W) >= 0: G^{j,k} of each position; region_masks (4, H, W) bool: M^i, a partition of
-    the input; region_of_position (P,) long: the region r that position p lies in. Each row sums to
-    1 and w[p, r] >= tau."""
-    G = erf.double().flatten(1)  # (P, HW)
-    M = region_masks.flatten(1).double()  # (4, HW)
-    r = region_of_position.long()
-    mass = G @ M.T  # (P, 4): sum_{h,w} G^{j,k} M^i
-    total = G.sum(1)  # (P,): sum_{h,w} G^{j,k}
-    own = mass.gather(1, r[:, None]).squeeze(1)  # (P,): mass inside the position's own region
-    ratio = torch.where(total > 0, own / total.clamp_min(1e-300), torch.ones_like(total))  # CHOICE: dead ERF -> 1
-    w_r = ratio.clamp(min=tau)  # Eq. 2, i = r: max(tau, own / total)
-    outside = (G @ (1 - M).T).gather(1, r[:, None]).squeeze(1)  # (P,): sum_{h,w} G^{j,k} (1 - M^r)
-    share = torch.where(outside[:, None] > 0, mass / outside.clamp_min(1e-300)[:, None], torch.zeros_like(mass))
-    w = (1 - w_r)[:, None] * share  # Eq. 2, i != r: (1 - w_r) mass_i / outside
-    w.scatter_(1, r[:, None], w_r[:, None])
-    # An ERF entirely inside its own region has w_r = 1 and nothing outside: the row is one-hot.
-    return w.to(erf.dtype if erf.is_floating_point() else torch.float32)
-
-
-def soft_labels(weights: torch.Tensor, region_labels: torch.Tensor, num_classes: int,
-                feature_hw: tuple[int, int]) -> torch.Tensor:
-    """Eq. 1: y~^{j,k} = sum_i w_i^{j,k} y_i. weights (P, 4), region_labels (B, 4) -> (B, K, h, w)."""
-    y = F.one_hot(region_labels, num_classes).to(weights.dtype)  # (B, 4, K)
-    y_soft = torch.einsum("pi,bik->bkp", weights, y)  # Eq. 1, (B, K, P)
-    return y_soft.reshape(y.shape[0], num_classes, *feature_hw)
-
-
-def erf_adaptive_loss(logits: torch.Tensor, targets: torch.Tensor, region_of_position: torch.Tensor) -> torch.Tensor:
-    """Fig. 5: dense soft-label cross-entropy; the loss map is averaged within each region, then
-    over the four regions (and the batch). logits, targets (B, K, h, w); region_of_position (P,)."""
-    loss_map = -(targets * F.log_softmax(logits.float(), 1)).sum(1).flatten(1)  # (B, P)
-    onehot = F.one_hot(region_of_position, 4).to(loss_map.dtype)  # (P, 4)
-    region_loss = loss_map @ onehot / onehot.sum(0)  # (B, 4): block-wise average of the loss map
-    return region_loss.mean()
-
-
-def region_pool(feats: torch.Tensor, region_of_position: torch.Tensor) -> torch.Tensor:
-    """Average pooling of the feature map within each of the four regions: (B, D, h, w) -> (B, 4, D)."""
-    onehot = F.one_hot(region_of_position, 4).to(feats.dtype)  # (P, 4)
-    return torch.einsum("bdp,pi->bid", feats.flatten(2), onehot / onehot.sum(0))
-
-
-def blockwise_loss(net: torch.nn.Module, feats: torch.Tensor, region_labels: torch.Tensor,
-                   region_of_position: torch.Tensor) -> torch.Tensor:
-    """Block-wise classification (Sec. 3.3, Fig. B1b): one pooled prediction and hard label per region."""
-    logits = net.fc(region_pool(feats, region_of_position))  # (B, 4, K)
-    return F.cross_entropy(logits.float().flatten(0, 1), region_labels.flatten())
-
-
-def global_loss(net: torch.nn.Module, feats: torch.Tensor, region_labels: torch.Tensor, areas: torch.Tensor,
-                num_classes: int) -> torch.Tensor:
-    """Global classification (Sec. 3.3, Fig. B1a): global average pooling, one label per image that
-    mixes the four region labels by region area (as CutMix)."""
-    logits = net.fc(feats.mean((2, 3)))  # (B, K)
-    y = (F.one_hot(region_labels, num_classes).float() * (areas / areas.sum())[None, :, None]).sum(1)  # (B, K)
-    return -(y * F.log_softmax(logits.float(), 1)).sum(1).mean()
-
-
-def effective_receptive_fields(net: torch.nn.Module, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """ERF (Luo et al. 2016) of every position of the last feature map: (P, H, W), the mean over
-    `images` (N, 3, H, W) of |d sum_c X[c, j, k] / d input| summed over colour channels.
-
-    Batched: each image is repeated once per position in a chunk, and position p's activation is
-    back-propagated from copy p; eval mode keeps the copies independent (no batch statistics)."""
-    was_training = net.training
-    net.eval()
-    n, _, H, W = images.shape
-    with torch.no_grad():
-        h, w = backbone_features(net, images[:1]).shape[-2:]
-    P = h * w
-    erf = torch.zeros(P, H, W, dtype=torch.float64)
-    for img in images:
-        for start in range(0, P, chunk):
-            pos = torch.arange(start, min(P, start + chunk), device=images.device)
-            x = img[None].expand(len(pos), -1, -1, -1).clone().requires_grad_(True)
-            X = backbone_features(net, x).sum(1).flatten(1)  # (len(pos), P): sum over channels
-            (grad,) = torch.autograd.grad(X[torch.arange(len(pos)), pos].sum(), x)
-            erf[start:start + len(pos)] += grad.abs().sum(1).double().cpu()
-    net.train(was_training)
-    return (erf / n).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: sample selection (Sec. 3.1), written once as a (C + 1)-class table
+# Sample selection (Sec. 3.1), written once as a (C + 1)-class table
 # ---------------------------------------------------------------------------------------------
 TABLE_FILES = ("image_index.npy", "boxes.npy", "labels.npy")
 
@@ -416,8 +284,49 @@ def load_sample_table(path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: Jigsaw assembly (Sec. 3.2, Fig. 4) and per-sample augmentation (Sec. 4.1)
+# Jigsaw assembly (Sec. 3.2, Fig. 4): the template, per-sample augmentation (Sec. 4.1), the assembled images
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Template:
+    """A square `size` input cut at `split` px on both axes (CHOICE, see the header).
+    Regions, in the order R1..R4: top-left (smaller S), top-right (W), bottom-left (T), bottom-right
+    (larger S). `stride` is the last feature map's stride (32 for a ResNet)."""
+    size: int = 224
+    split: int = 64
+    stride: int = 32
+
+    def __post_init__(self):
+        if self.size % self.stride or self.split % self.stride or not 0 < self.split < self.size:
+            raise ValueError(f"template: --input-size {self.size} and --split {self.split} must be multiples of the "
+                             f"stride {self.stride} with 0 < split < size, so that no feature cell straddles two regions")
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int]]:  # (x1, y1, x2, y2) in input pixels
+        s, c = self.size, self.split
+        return [(0, 0, c, c), (c, 0, s, c), (0, c, c, s), (c, c, s, s)]
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        return self.size // self.stride, self.size // self.stride
+
+    def input_masks(self) -> torch.Tensor:
+        """(4, size, size) bool: M^i of Eq. 2, a partition of the input."""
+        m = torch.zeros(4, self.size, self.size, dtype=torch.bool)
+        for i, (x1, y1, x2, y2) in enumerate(self.boxes):
+            m[i, y1:y2, x1:x2] = True
+        return m
+
+    def region_of_position(self) -> torch.Tensor:
+        """(P,) long: the region r of each feature position (j, k), row-major, from its cell centre."""
+        h, w = self.feature_hw
+        centre = (torch.arange(h) + 0.5) * self.stride
+        below = (centre >= self.split).long()
+        return (below[:, None] * 2 + below[None, :]).flatten()  # (P,): 0 TL, 1 TR, 2 BL, 3 BR
+
+    def areas(self) -> torch.Tensor:
+        return torch.tensor([float((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in self.boxes])
+
+
 def aspect_groups(boxes: np.ndarray) -> dict[str, np.ndarray]:
     """Sample indices of groups S (aspect w/h in [0.5, 1.5]), T (< 0.5) and W (> 1.5) (Sec. 3.2).
     CHOICE: an empty group borrows the 10% of samples nearest to its range."""
@@ -521,6 +430,106 @@ class JigsawAssembly(Dataset):
             canvas[:, y1:y2, x1:x2] = fit_to_region(self.crop(k), (y2 - y1, x2 - x1), self.fit, scale, flip)
         canvas = (canvas - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
         return canvas, {"region_labels": torch.as_tensor([int(self.labels[k]) for k in chosen], dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification (Sec. 3.3): the backbone's dense features and the three losses, pure functions
+# ---------------------------------------------------------------------------------------------
+def backbone_features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """X of Sec. 3.3: the ResNet's last feature map before average pooling, (B, D, H/32, W/32)."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def dense_logits(net: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """The 1x1 conv classifier of Fig. 5: the ResNet's fc applied at every position, (B, K, h, w)."""
+    return F.conv2d(feats, net.fc.weight[:, :, None, None], net.fc.bias)
+
+
+def erf_label_weights(erf: torch.Tensor, region_masks: torch.Tensor, region_of_position: torch.Tensor,
+                      tau: float = 0.7) -> torch.Tensor:
+    """Eq. 2: (P, 4) weights w[p, i] of the four region labels at each feature position p.
+
+    erf (P, H, W) >= 0: G^{j,k} of each position; region_masks (4, H, W) bool: M^i, a partition of
+    the input; region_of_position (P,) long: the region r that position p lies in. Each row sums to
+    1 and w[p, r] >= tau."""
+    G = erf.double().flatten(1)  # (P, HW)
+    M = region_masks.flatten(1).double()  # (4, HW)
+    r = region_of_position.long()
+    mass = G @ M.T  # (P, 4): sum_{h,w} G^{j,k} M^i
+    total = G.sum(1)  # (P,): sum_{h,w} G^{j,k}
+    own = mass.gather(1, r[:, None]).squeeze(1)  # (P,): mass inside the position's own region
+    ratio = torch.where(total > 0, own / total.clamp_min(1e-300), torch.ones_like(total))  # CHOICE: dead ERF -> 1
+    w_r = ratio.clamp(min=tau)  # Eq. 2, i = r: max(tau, own / total)
+    outside = (G @ (1 - M).T).gather(1, r[:, None]).squeeze(1)  # (P,): sum_{h,w} G^{j,k} (1 - M^r)
+    share = torch.where(outside[:, None] > 0, mass / outside.clamp_min(1e-300)[:, None], torch.zeros_like(mass))
+    w = (1 - w_r)[:, None] * share  # Eq. 2, i != r: (1 - w_r) mass_i / outside
+    w.scatter_(1, r[:, None], w_r[:, None])
+    # An ERF entirely inside its own region has w_r = 1 and nothing outside: the row is one-hot.
+    return w.to(erf.dtype if erf.is_floating_point() else torch.float32)
+
+
+def soft_labels(weights: torch.Tensor, region_labels: torch.Tensor, num_classes: int,
+                feature_hw: tuple[int, int]) -> torch.Tensor:
+    """Eq. 1: y~^{j,k} = sum_i w_i^{j,k} y_i. weights (P, 4), region_labels (B, 4) -> (B, K, h, w)."""
+    y = F.one_hot(region_labels, num_classes).to(weights.dtype)  # (B, 4, K)
+    y_soft = torch.einsum("pi,bik->bkp", weights, y)  # Eq. 1, (B, K, P)
+    return y_soft.reshape(y.shape[0], num_classes, *feature_hw)
+
+
+def erf_adaptive_loss(logits: torch.Tensor, targets: torch.Tensor, region_of_position: torch.Tensor) -> torch.Tensor:
+    """Fig. 5: dense soft-label cross-entropy; the loss map is averaged within each region, then
+    over the four regions (and the batch). logits, targets (B, K, h, w); region_of_position (P,)."""
+    loss_map = -(targets * F.log_softmax(logits.float(), 1)).sum(1).flatten(1)  # (B, P)
+    onehot = F.one_hot(region_of_position, 4).to(loss_map.dtype)  # (P, 4)
+    region_loss = loss_map @ onehot / onehot.sum(0)  # (B, 4): block-wise average of the loss map
+    return region_loss.mean()
+
+
+def region_pool(feats: torch.Tensor, region_of_position: torch.Tensor) -> torch.Tensor:
+    """Average pooling of the feature map within each of the four regions: (B, D, h, w) -> (B, 4, D)."""
+    onehot = F.one_hot(region_of_position, 4).to(feats.dtype)  # (P, 4)
+    return torch.einsum("bdp,pi->bid", feats.flatten(2), onehot / onehot.sum(0))
+
+
+def blockwise_loss(net: torch.nn.Module, feats: torch.Tensor, region_labels: torch.Tensor,
+                   region_of_position: torch.Tensor) -> torch.Tensor:
+    """Block-wise classification (Sec. 3.3, Fig. B1b): one pooled prediction and hard label per region."""
+    logits = net.fc(region_pool(feats, region_of_position))  # (B, 4, K)
+    return F.cross_entropy(logits.float().flatten(0, 1), region_labels.flatten())
+
+
+def global_loss(net: torch.nn.Module, feats: torch.Tensor, region_labels: torch.Tensor, areas: torch.Tensor,
+                num_classes: int) -> torch.Tensor:
+    """Global classification (Sec. 3.3, Fig. B1a): global average pooling, one label per image that
+    mixes the four region labels by region area (as CutMix)."""
+    logits = net.fc(feats.mean((2, 3)))  # (B, K)
+    y = (F.one_hot(region_labels, num_classes).float() * (areas / areas.sum())[None, :, None]).sum(1)  # (B, K)
+    return -(y * F.log_softmax(logits.float(), 1)).sum(1).mean()
+
+
+def effective_receptive_fields(net: torch.nn.Module, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """ERF (Luo et al. 2016) of every position of the last feature map: (P, H, W), the mean over
+    `images` (N, 3, H, W) of |d sum_c X[c, j, k] / d input| summed over colour channels.
+
+    Batched: each image is repeated once per position in a chunk, and position p's activation is
+    back-propagated from copy p; eval mode keeps the copies independent (no batch statistics)."""
+    was_training = net.training
+    net.eval()
+    n, _, H, W = images.shape
+    with torch.no_grad():
+        h, w = backbone_features(net, images[:1]).shape[-2:]
+    P = h * w
+    erf = torch.zeros(P, H, W, dtype=torch.float64)
+    for img in images:
+        for start in range(0, P, chunk):
+            pos = torch.arange(start, min(P, start + chunk), device=images.device)
+            x = img[None].expand(len(pos), -1, -1, -1).clone().requires_grad_(True)
+            X = backbone_features(net, x).sum(1).flatten(1)  # (len(pos), P): sum over channels
+            (grad,) = torch.autograd.grad(X[torch.arange(len(pos)), pos].sum(), x)
+            erf[start:start + len(pos)] += grad.abs().sum(1).double().cpu()
+    net.train(was_training)
+    return (erf / n).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -932,7 +941,7 @@ def benchmark(args, env, batches: int = 10) -> dict:
 # ---------------------------------------------------------------------------------------------
 DEMO = dict(  # the CPU demo (DEVIATION, see the header); the recipe is common.demo's
     train_scenes=400, val_scenes=300, input_size=192, split=64, scale_range=(1.6, 3.0), pretrain_batch=8,
-    pretrain_steps=24, erf_images=1, finetune_steps=80, calibrate_steps=(8, 12))
+    pretrain_steps=24, erf_images=1, finetune_steps=80, calibrate_steps=(8, 16))
 DEMO_STRATEGIES = {"erf": "ERF-adaptive Dense Cls.", "blockwise": "Block-wise Cls.", "global": "Global Cls."}
 
 
@@ -980,7 +989,7 @@ def demo_finetune(model, train_set, steps: int, seed: int) -> float:
     return compute_seconds(device) - t0
 
 
-def demo_seconds_per_step(train_set, num_classes: int, seed: int, steps=(8, 12)) -> float:
+def demo_seconds_per_step(train_set, num_classes: int, seed: int, steps=(8, 16)) -> float:
     """The scratch detector's compute per step: the difference of two short runs of a throwaway
     copy, over their difference in steps (start-up costs cancel)."""
     from common.demo import build_demo_detector
@@ -1010,7 +1019,8 @@ def demo(args, env) -> dict:
     table = load_sample_table(out / "samples")
     assembly = JigsawAssembly(train_set, table, Template(d["input_size"], d["split"]), "padcrop", d["scale_range"])
     rows, cost = {}, {}
-    for strategy in DEMO_STRATEGIES:  # Tab. 2: the same pre-training and fine-tuning, three losses
+    strategies = ["erf"] + [k for k in DEMO_STRATEGIES if k != "erf" and k in args.demo_strategies]
+    for strategy in strategies:  # Tab. 2: the same pre-training and fine-tuning, three losses
         torch.manual_seed(s)
         resnet = build_classifier("resnet18", len(assembly.classes), norm="bn")
         pre = demo_pretrain(resnet, assembly, strategy, d["pretrain_steps"], d["pretrain_batch"], s,
@@ -1023,7 +1033,7 @@ def demo(args, env) -> dict:
     # Tab. 5: the GroupNorm detector from scratch gets the ERF-adaptive run's pre-training + fine-tuning compute
     budget = cost["erf"]["total_s"]
     per_step = demo_seconds_per_step(train_set, C, s, d["calibrate_steps"])
-    steps = max(1, round(budget / per_step))
+    steps = max(8, round(budget / per_step))  # (one-cycle needs 8; never binds at the demo's size)
     torch.manual_seed(s)
     scratch = build_demo_detector(C, norm="gn")
     used = demo_finetune(scratch, train_set, steps, s)
@@ -1040,12 +1050,12 @@ def demo(args, env) -> dict:
     print(f"| Jigsaw ({d['pretrain_steps']} steps) + {d['finetune_steps']} steps | {budget:.0f} | {fmt(rows['erf'])} |")
     print("\nTable 2: classification strategy (same pre-training and fine-tuning)")
     print("| strategy | compute (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
-    for k, name in DEMO_STRATEGIES.items():
-        print(f"| {name} | {cost[k]['total_s']:.0f} | {fmt(rows[k])} |")
+    for k in strategies:
+        print(f"| {DEMO_STRATEGIES[k]} | {cost[k]['total_s']:.0f} | {fmt(rows[k])} |")
     wall = time.time() - wall0
     tables = {"table5": {"scratch_gn": {**rows["scratch"], **cost["scratch"]},
                          "jigsaw_erf": {**rows["erf"], **cost["erf"]}},
-              "table2": {DEMO_STRATEGIES[k]: {**rows[k], **cost[k]} for k in DEMO_STRATEGIES},
+              "table2": {DEMO_STRATEGIES[k]: {**rows[k], **cost[k]} for k in strategies},
               "samples": {**{k: v for k, v in table["meta"].items() if k != "classes"}, "aspect_groups": groups},
               "settings": {**DEMO, "detector": "faster_rcnn_fpn (common.demo.build_demo_detector)"}}
     claims = [claim("Jigsaw + fine-tune > scratch (GN) at equal compute", "AP50",

@@ -278,70 +278,31 @@ def test_other_strategies_train(tmp_path, strategy):
     assert path.parent.name == f"pretrain_{strategy}" and torch.load(path, weights_only=True)["step"] == 2
 
 
-def test_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(jigsaw, "DEMO_DATA", dict(train=16, val=4, image_size=64))
-    tiny = dict(jigsaw.DEMO_SETTINGS, input_size=64, split=32, batch_size=4, iters=2, warmup_iters=1, erf_every=1,
-                erf_images=1, det_epochs=1, det_steps=[1], det_batch_size=4, det_warmup_iters=1, min_size=64, max_size=64)
-    monkeypatch.setattr(jigsaw, "DEMO_SETTINGS", tiny)
-    result = jigsaw.demo(jigsaw.get_args_parser().parse_args(["--demo", "--out", str(tmp_path)]), _env())
+def test_demo_writes_table5_and_table2_into_demo_json(tmp_path, monkeypatch, capsys):
+    tiny = dict(jigsaw.DEMO, train_scenes=16, val_scenes=4, input_size=64, split=32, pretrain_batch=2,
+                pretrain_steps=8, finetune_steps=8, calibrate_steps=(8, 9))
+    monkeypatch.setattr(jigsaw, "DEMO", tiny)
+    out = tmp_path / "demo"
+    jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out)]))
     printed = capsys.readouterr().out
-    assert "loaded" in printed  # the Jigsaw backbone went into the detector (load_weights' report)
-    assert "Table 2" in printed and "Table 5" in printed and "| ERF-adaptive Dense Cls. |" in printed
-    assert set(result["rows"]) == {"erf", "blockwise", "scratch"}
-    assert all(0 <= m["AP"] <= 1 for m in result["rows"].values())
-    assert (tmp_path / "erf_fig6.png").stat().st_size > 1000 and (tmp_path / "scratch" / "schedule.json").is_file()
-    assert all(0 <= v <= 1 for v in result["erf_outside_r1"].values())
-    bench = jigsaw.benchmark(_args(tmp_path, "--samples", str(tmp_path / "samples"), "--data", str(tmp_path / "coco"),
-                                   "--train-split", "train"), _env(), batches=2)
+    assert "loaded 100 tensors: backbone.body.*" in printed  # the Jigsaw backbone went into the detector
+    result = json.loads((out / "demo.json").read_text())
+    assert result["script"] == "jigsaw.py" and result["seed"] == 3
+    (c,) = result["claims"]
+    assert c["claim"] == "Jigsaw + fine-tune > scratch (GN) at equal compute" and c["metric"] == "AP50"
+    t5, t2 = result["tables"]["table5"], result["tables"]["table2"]
+    assert c["better"]["value"] == t5["jigsaw_erf"]["AP50"] and c["worse"]["value"] == t5["scratch_gn"]["AP50"]
+    assert t5["scratch_gn"]["budget_s"] == pytest.approx(t5["jigsaw_erf"]["pretrain_s"] + t5["jigsaw_erf"]["finetune_s"])
+    assert t5["scratch_gn"]["steps"] == max(8, round(t5["scratch_gn"]["budget_s"] / t5["scratch_gn"]["seconds_per_step"]))
+    assert set(t2) == {"ERF-adaptive Dense Cls.", "Block-wise Cls.", "Global Cls."}
+    assert all(0 <= row["AP50"] <= 1 for row in t2.values())
+    with pytest.raises(FileExistsError, match="another --out"):  # a demo never writes into an old folder
+        jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out)]))
+
+
+def test_benchmark_reports_pipeline_and_model_rates(tmp_path):
+    bench = jigsaw.benchmark(_args(tmp_path), _env(), batches=2)
     assert bench["pipeline_images_per_s"] > 0 and bench["model_images_per_s"] > 0
-
-
-def test_erf_figure_reads_torchvision_weights_by_name(tmp_path, torchvision_hub):
-    # Fig. 6 (d): --checkpoints ImageNet=torchvision is torchvision's ImageNet model, not a file path
-    from torchvision.models import ResNet18_Weights
-
-    args = _args(tmp_path, "--stage", "erf-figure", "--checkpoints", "ImageNet=torchvision", "random=random")
-    outside = jigsaw.main(args)
-    assert torchvision_hub == [ResNet18_Weights.IMAGENET1K_V1] and set(outside) == {"ImageNet", "random"}
-    assert 0 <= outside["ImageNet"] <= 1 and (tmp_path / "erf_fig6.png").is_file()
-
-
-def test_training_loaders_keep_their_workers_across_epochs(tmp_path, monkeypatch):
-    # ~140 epochs on COCO: the pre-training and fine-tuning loaders fork their workers once
-    seen = []
-    real = jigsaw.cdata.build_loader
-    monkeypatch.setattr(jigsaw.cdata, "build_loader", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    args = _args(tmp_path, *DET, "--workers", "2")
-    jigsaw.build_pretrain_data(args)
-    train, val = jigsaw.detection_data(args, _env())[1:]
-    assert train.persistent_workers and train.num_workers == 2
-    jigsaw.pretrain(_args(tmp_path, "--iters", "1"), _env())
-    assert [kw.get("persistent_workers", False) for kw in seen] == [True, False, True]  # train, val, pretrain
-
-
-def test_mask_rcnn_finetunes_on_a_coco_root(tmp_path):
-    # Tab. 3's Mask R-CNN on COCO: the loader reads the instance masks (masks=True), the stage trains on them
-    from common.synthetic import export_coco
-
-    for split, n in (("train", 4), ("val", 2)):
-        export_coco(SyntheticDetection(n, 64, seed=5 if split == "train" else 6), tmp_path / "coco", split)
-    seen = []
-    real = jigsaw.engine.train_detector
-
-    def spy(model, loader, *a, **kw):
-        seen.append(next(iter(loader))[1][0])
-        return real(model, loader, *a, **kw)
-
-    jigsaw.engine.train_detector, saved = spy, real
-    try:
-        args = _args(tmp_path, *DET, "--arch", "mask_rcnn", "--data", str(tmp_path / "coco"), "--num-images", "4",
-                      "--scratch-budget-s", "0")
-        metrics = jigsaw.finetune(args, _env(), scratch=True)
-    finally:
-        jigsaw.engine.train_detector = saved
-    masks = seen[0]["masks"]
-    assert masks.shape[0] == len(seen[0]["boxes"]) > 0 and masks.shape[-2:] == (64, 64) and masks.any()
-    assert 0 <= metrics["AP"] <= 1
 
 
 def test_cli_defaults_are_the_papers():
