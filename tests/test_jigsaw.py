@@ -282,8 +282,10 @@ def test_demo_writes_table5_and_table2_into_demo_json(tmp_path, monkeypatch, cap
     tiny = dict(jigsaw.DEMO, train_scenes=16, val_scenes=4, input_size=64, split=32, pretrain_batch=2,
                 pretrain_steps=8, finetune_steps=8, calibrate_steps=(8, 9))
     monkeypatch.setattr(jigsaw, "DEMO", tiny)
+    monkeypatch.setitem(jigsaw_demo_recipe()["detector"], "batch_size", 2)  # a fast test
     out = tmp_path / "demo"
-    jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out)]))
+    jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out),
+                                                     "--demo-strategies", "blockwise"]))
     printed = capsys.readouterr().out
     assert "loaded 100 tensors: backbone.body.*" in printed  # the Jigsaw backbone went into the detector
     result = json.loads((out / "demo.json").read_text())
@@ -294,10 +296,16 @@ def test_demo_writes_table5_and_table2_into_demo_json(tmp_path, monkeypatch, cap
     assert c["better"]["value"] == t5["jigsaw_erf"]["AP50"] and c["worse"]["value"] == t5["scratch_gn"]["AP50"]
     assert t5["scratch_gn"]["budget_s"] == pytest.approx(t5["jigsaw_erf"]["pretrain_s"] + t5["jigsaw_erf"]["finetune_s"])
     assert t5["scratch_gn"]["steps"] == max(8, round(t5["scratch_gn"]["budget_s"] / t5["scratch_gn"]["seconds_per_step"]))
-    assert set(t2) == {"ERF-adaptive Dense Cls.", "Block-wise Cls.", "Global Cls."}
+    assert set(t2) == {"ERF-adaptive Dense Cls.", "Block-wise Cls."}  # erf always, then --demo-strategies
     assert all(0 <= row["AP50"] <= 1 for row in t2.values())
     with pytest.raises(FileExistsError, match="another --out"):  # a demo never writes into an old folder
         jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out)]))
+
+
+def jigsaw_demo_recipe():
+    from common.demo import DEMO_RECIPE
+
+    return DEMO_RECIPE
 
 
 def test_benchmark_reports_pipeline_and_model_rates(tmp_path):
