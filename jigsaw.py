@@ -759,7 +759,11 @@ def scratch_budget(args) -> float:
     """Tab. 5: the compute the from-scratch detector gets (seconds over all ranks): --scratch-budget-s,
     or ('auto') what the Jigsaw run's pre-training and fine-tuning recorded."""
     if args.scratch_budget_s != "auto":
-        return float(args.scratch_budget_s)
+        try:
+            return float(args.scratch_budget_s)
+        except ValueError:
+            raise ValueError(f"--scratch-budget-s must be 'auto' or a number of seconds, got "
+                             f"{args.scratch_budget_s!r}") from None
     return read_compute(pretrain_dir(args)) + read_compute(finetune_dir(args))
 
 

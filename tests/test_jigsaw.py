@@ -327,6 +327,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         jigsaw.load_sample_table(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
         jigsaw.pretrain(_args(tmp_path, "--iters", "2", "--resume", str(tmp_path / "nope.pth")), _env())
+    with pytest.raises(ValueError, match="--scratch-budget-s must be 'auto' or a number"):
+        jigsaw.scratch_budget(_args(tmp_path, "--scratch-budget-s", "ten"))
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         jigsaw.finetune(_args(tmp_path, *DET, "--weights", str(tmp_path / "missing.pth")), _env())
 
