@@ -6,7 +6,8 @@ Yi, Ouyang, ECCV 2020 (arXiv:2004.12178). Text copy: ../shared/papers/jigsaw.txt
 What the file does, in the paper's order:
 1. Sample selection (Sec. 3.1), `extract_samples`: positives are ground-truth boxes enlarged at
    random (each corner moves outwards, width/height up to 2x, truncated at the image edges);
-   negatives are random boxes with IoU = 0 against every ground-truth box, 10 positives : 1
+   negatives are random boxes with IoU = 0 against every positive sample of their image (the
+   enlarged boxes: "negative samples are exclusive with those positive ones"), 10 positives : 1
    negative. Written once as a (C + 1)-class table of flat numpy arrays (source image index, box,
    label, the sample's pixels), memory-mapped by every loader worker.
 2. Jigsaw assembly (Sec. 3.2, Fig. 4), `JigsawAssembly` / `fit_to_region`: 2 S + 1 T + 1 W samples per
@@ -66,27 +67,39 @@ NOTE: --arch mask_rcnn needs instance masks in the targets: the built-in synthet
 CHOICE: a VOC validation set is scored as Detectron2's PascalVOCDetectionEvaluator does (devkit AP,
     difficult objects ignored, the 11-point metric on VOC2007, AP the mean over IoU 0.50:0.95;
     `common.evaluation`), COCO by COCOeval.
-CHOICE: equal compute (Table 5, "GPU days"): the from-scratch run gets as many detector
-    iterations as fit in the compute time of Jigsaw pre-training + fine-tuning (`--scratch-budget-s`;
-    the demo passes what it measured), timed by `compute_seconds`: GPU wall-clock on CUDA, the
-    process's CPU time on the CPU (so that other jobs on a shared machine do not count).
-DEVIATION: the demo runs everything at toy scale on synthetic scenes (exported to COCO format
-    once): resnet18, 128 px assembled images cut at 32 px, 30 pre-training iterations at batch 16,
-    Faster R-CNN FPN fine-tuned 3 epochs on 96 images; its numbers show that every stage runs,
-    not the paper's gains.
-
+CHOICE: equal compute (Table 5, "GPU days"): pre-training and fine-tuning record their compute as
+    they run (`ComputeMeter`: `compute_seconds` of each rank's training loop, ERF refreshes
+    included, sample extraction and evaluation not; GPU wall-clock on CUDA, the process's CPU time
+    on the CPU, so that other jobs on a shared machine do not count), in the checkpoint (carried
+    across --resume) and in OUT/<stage>/compute.json. The from-scratch run gets their sum over
+    ranks (`--scratch-budget-s auto`) as iterations at its own compute per iteration, measured on
+    the DDP-wrapped model (gradient all-reduce included) over `--calibrate-iters` steps; its own
+    compute is recorded and reported beside the budget.
+DEVIATION: the CPU demo (`--demo`) runs on the benchmark's synthetic 64-px scenes (400 training,
+    300 held-out) at common.demo's recipe (ResNet-18 with trainable BN, AdamW, one-cycle LR; the
+    pre-training uses the recipe's classifier optimiser, the detectors its detector training), not
+    the paper's SGD schedules: a 192-px template cut at 64 px (R1 spans 2x2 feature cells; R3's
+    aspect 0.5 sits on the T / S boundary), samples resized by 2 x [0.8, 1.5] (the scenes' objects,
+    13-35 px, are far smaller against the template than COCO's), batch 8, 24 iterations, Eq. 2's
+    weights from one image at steps 0 and 12; Faster R-CNN R18-FPN (`build_demo_detector`), not C4:
+    at 64 px C4's res5 box head on every RoI made a training step 2-3x and evaluation 3-7x dearer
+    than FPN on this CPU, which the demo's budget cannot hold. Tab. 5: the GroupNorm detector from
+    scratch gets the ERF-adaptive run's measured pre-training + fine-tuning CPU time as steps at its
+    own measured CPU time per step. Tab. 2: the three strategies with the same pre-training and
+    fine-tuning (a table, no claim).
 Full scale (COCO train2017 on 8 GPUs, ResNet-50, then Faster R-CNN C4 fine-tuning):
     python jigsaw.py --stage extract --data /data/coco --out runs/jigsaw     # the sample table, once
     torchrun --nproc_per_node 8 jigsaw.py --stage pretrain --data /data/coco --out runs/jigsaw
     torchrun --nproc_per_node 8 jigsaw.py --stage finetune --data /data/coco --out runs/jigsaw \
         --arch faster_rcnn_c4
     torchrun --nproc_per_node 8 jigsaw.py --stage scratch --data /data/coco --out runs/jigsaw \
-        --arch faster_rcnn_c4 --scratch-budget-s SECONDS   # pre-training + fine-tuning time above
+        --arch faster_rcnn_c4   # the compute the two stages above recorded (--scratch-budget-s auto)
     torchrun --nproc_per_node 8 jigsaw.py --stage benchmark --data /data/coco --out runs/jigsaw
     python jigsaw.py --stage erf-figure --data /data/coco --out runs/jigsaw \
-        --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth
-CPU demo (about 10 minutes on 2 idle cores, from its CPU time; the tests run it at a smaller size):
-    python jigsaw.py --demo
+        --checkpoints ERF-adaptive=runs/jigsaw/pretrain/checkpoint.pth ImageNet=torchvision random=random
+CPU demo (Tab. 5 and Tab. 2 into OUT/demo.json; the tests run it at a smaller size):
+    python jigsaw.py --demo --seed 0 --out runs/jigsaw_demo
+    python -m common.demo --script jigsaw.py --seeds 0 1 2      # mean +- std into results/jigsaw.md
 """
 from __future__ import annotations
 
@@ -111,7 +124,6 @@ from torchvision.ops import box_iou
 from common import data as cdata
 from common import distributed as cdist
 from common import engine
-from common.synthetic import export_coco
 from common.detectors import build_classifier, build_detector
 from common.evaluation import evaluate_detector, evaluation_metric
 
@@ -154,9 +166,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--det-warmup-iters", type=int, default=500, help="CHOICE (Detectron's default)")
     g.add_argument("--min-size", type=int, default=800, help="detection short side (Sec. 4.1)")
     g.add_argument("--max-size", type=int, default=1333, help="detection long side (Sec. 4.1)")
-    g.add_argument("--scratch-budget-s", type=float, default=0.0,
-                   help="stage scratch: wall-clock budget (pre-training + fine-tuning) that sets its "
-                        "iterations (Tab. 5); 0 = train --det-epochs")
+    g.add_argument("--scratch-budget-s", default="auto",
+                   help="stage scratch: the compute budget (seconds over all ranks) that sets its iterations "
+                        "(Tab. 5); 'auto': the Jigsaw run's pre-training + fine-tuning compute, as recorded in "
+                        "OUT/pretrain/compute.json and OUT/finetune/compute.json; 0: train --det-epochs")
+    g.add_argument("--calibrate-iters", type=int, default=20,
+                   help="stage scratch: iterations timed to turn the budget into iterations")
 
     s = p.add_argument_group("system")
     s.add_argument("--data", default="synthetic", help="'synthetic', a COCO root or a VOC root (common.data)")
@@ -167,7 +182,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", default="", help="sample table folder (default OUT/samples)")
     s.add_argument("--weights", default="", help="stage finetune: backbone checkpoint (default OUT/pretrain/checkpoint.pth)")
     s.add_argument("--checkpoints", nargs="*", default=(),
-                   help="stage erf-figure: NAME=PATH pairs (PATH 'random': a random initialisation)")
+                   help="stage erf-figure: NAME=PATH pairs (PATH 'random': a random initialisation; "
+                        "'torchvision' or 'torchvision:<NAME>': torchvision's ImageNet weights, Fig. 6 (d))")
     s.add_argument("--erf-images", type=int, default=16, help="assembled images the ERF is averaged over (CHOICE)")
     s.add_argument("--out", default="runs/jigsaw")
     s.add_argument("--workers", type=int, default=4)
@@ -179,12 +195,140 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between pre-training checkpoints")
     s.add_argument("--log-every", type=int, default=20)
     s.add_argument("--det-kwargs", default="{}", help="JSON dict passed to build_detector (e.g. anchor_sizes)")
-    s.add_argument("--demo", action="store_true", help="the CPU demo: every stage at toy scale, then the tables")
+    s.add_argument("--demo", action="store_true", help="the CPU demo: Tab. 5 (Jigsaw vs scratch at equal compute) and "
+                                                         "Tab. 2 on synthetic scenes, into OUT/demo.json")
+    s.add_argument("--demo-strategies", nargs="+", default=("erf", "blockwise", "global"),
+                   choices=("erf", "blockwise", "global"),
+                   help="--demo: the Tab. 2 rows to train (erf is always trained: Tab. 5 compares it with scratch)")
     return p
 
 
 # ---------------------------------------------------------------------------------------------
-# Model pieces: the Jigsaw template (Sec. 3.2, Fig. 4) and the backbone (Sec. 3.3)
+# Sample selection (Sec. 3.1), written once as a (C + 1)-class table
+# ---------------------------------------------------------------------------------------------
+TABLE_FILES = ("image_index.npy", "boxes.npy", "labels.npy")
+CROP_FILES = ("crops.bin", "crop_offsets.npy")  # every sample's pixels as JPEG bytes (write_crops)
+
+
+def enlarge_boxes(boxes: np.ndarray, hw: tuple[int, int], rng: np.random.Generator,
+                  max_enlarge: float = 2.0) -> np.ndarray:
+    """Sec. 3.1, Fig. 2: move the top-left and bottom-right corners outwards at random, so width and
+    height grow by up to `max_enlarge`x, then truncate at the image edges. boxes (N, 4) x1y1x2y2."""
+    h, w = hw
+    wh = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, 1)  # (N, 4): w, h, w, h
+    grow = rng.uniform(0, (max_enlarge - 1) / 2, boxes.shape) * wh  # per side, CHOICE: U(0, 0.5)
+    out = boxes + grow * np.array([-1, -1, 1, 1], np.float32)
+    return np.clip(out, 0, [w, h, w, h]).astype(np.float32)
+
+
+def random_negatives(gt: np.ndarray, hw: tuple[int, int], count: int, rng: np.random.Generator,
+                     tries: int = 50) -> np.ndarray:
+    """Sec. 3.1: up to `count` random boxes with IoU = 0 against every box of `gt` (N, 4): the
+    image's positive samples (the enlarged boxes, which hold the ground truth) and crowd regions."""
+    h, w = hw
+    out = []
+    for _ in range(count):
+        for _ in range(tries):
+            side = math.sqrt(h * w) * math.exp(rng.uniform(math.log(0.1), math.log(0.5)))  # CHOICE
+            ar = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+            bw, bh = min(w, side * math.sqrt(ar)), min(h, side / math.sqrt(ar))
+            x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            cand = np.array([[x1, y1, x1 + bw, y1 + bh]], np.float32)
+            if len(gt) == 0 or box_iou(torch.from_numpy(cand), torch.from_numpy(gt)).max() == 0:
+                out.append(cand[0])
+                break
+    return np.asarray(out, np.float32).reshape(-1, 4)
+
+
+def extract_samples(dataset, out_dir, seed: int = 0, neg_ratio: float = 0.1, max_enlarge: float = 2.0) -> Path:
+    """Write the (C + 1)-class sample table of a common.data detection dataset to `out_dir`:
+    image_index.npy (N,) int64, boxes.npy (N, 4) float32 x1y1x2y2, labels.npy (N,) int64 (0..C-1
+    objects, C background), the crops (`write_crops`), meta.json. Atomic: written to a temporary
+    folder, then renamed."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    C = len(dataset.classes)
+    index, boxes, labels = [], [], []
+    n_pos, n_wanted, skipped = 0, 0, 0
+    for i in range(len(dataset)):
+        ann, hw = dataset.annotations(i), dataset.image_size(i)
+        gt = np.asarray(ann["boxes"], np.float32).reshape(-1, 4)
+        crowd = np.asarray(ann.get("iscrowd", np.zeros(len(gt))), bool)  # crowd regions: no positive, no negative
+        pos = enlarge_boxes(gt[~crowd], hw, rng, max_enlarge)
+        n_pos += len(pos)
+        want = int(math.floor(n_pos * neg_ratio + 1e-9)) - n_wanted  # 10 : 1 over the whole table
+        n_wanted += want
+        neg = random_negatives(np.concatenate([pos, gt[crowd]]), hw, want, rng)  # IoU(pos, neg) = 0
+        skipped += want - len(neg)
+        index += [i] * (len(pos) + len(neg))
+        boxes += [pos, neg]
+        labels += [np.asarray(ann["labels"], np.int64)[~crowd] - 1, np.full(len(neg), C, np.int64)]
+    if not index:
+        raise ValueError("the detection dataset holds no boxes: nothing to extract")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    labels = np.concatenate(labels)
+    for name, arr in zip(TABLE_FILES, (np.asarray(index, np.int64), np.concatenate(boxes), labels)):
+        np.save(tmp / name, arr)
+    write_crops(dataset, tmp, np.load(tmp / "image_index.npy"), np.load(tmp / "boxes.npy"))
+    meta = {"classes": list(dataset.classes) + ["background"], "num_images": len(dataset), "seed": seed,
+            "positives": int((labels < C).sum()), "negatives": int((labels == C).sum()),
+            "negatives_not_found": skipped}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def crop_box(box, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The whole pixels (x1, y1, x2, y2) of a sample box in an image of size hw: outwards to the
+    pixel grid, at least one pixel, inside the image."""
+    H, W = hw
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, y1 = min(int(math.floor(x1)), W - 1), min(int(math.floor(y1)), H - 1)
+    x2, y2 = max(int(math.ceil(x2)), x1 + 1), max(int(math.ceil(y2)), y1 + 1)
+    return x1, y1, min(x2, W), min(y2, H)
+
+
+def write_crops(dataset, folder: Path, image_index: np.ndarray, boxes: np.ndarray, quality: int = 95) -> None:
+    """Every sample's pixels, cut once from its decoded image and stored as a JPEG (`quality`, no
+    chroma subsampling) in folder/crops.bin, sample k at bytes crop_offsets[k]:crop_offsets[k + 1]
+    (crop_offsets.npy): the paper's crops saved "as classification dataset beforehand" (Sec. 3.1),
+    so that an assembled image decodes four small crops instead of four whole images."""
+    offsets, current, image = [0], -1, None
+    with open(folder / CROP_FILES[0], "wb") as f:
+        for k in range(len(image_index)):  # samples come grouped by image: each image decoded once
+            if int(image_index[k]) != current:
+                current = int(image_index[k])
+                image = dataset[current][0].permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+            x1, y1, x2, y2 = crop_box(boxes[k], image.shape[:2])
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2])).save(buffer, "JPEG", quality=quality,
+                                                                             subsampling=0)
+            f.write(buffer.getvalue())
+            offsets.append(offsets[-1] + buffer.tell())
+    np.save(folder / CROP_FILES[1], np.asarray(offsets, np.int64))
+
+
+def load_sample_table(path) -> dict:
+    """The table written by `extract_samples`, memory-mapped (shared by every loader worker). A
+    table extracted without crops (before they were stored) has none: its samples are cut from the
+    source images."""
+    path = Path(path)
+    missing = [f for f in TABLE_FILES + ("meta.json",) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"sample table {path} lacks {missing}; run --stage extract first")
+    table = {f[:-4]: np.load(path / f, mmap_mode="r") for f in TABLE_FILES}
+    if all((path / f).is_file() for f in CROP_FILES):
+        table["crops"] = np.memmap(path / CROP_FILES[0], np.uint8, mode="r")
+        table["crop_offsets"] = np.load(path / CROP_FILES[1], mmap_mode="r")
+    table["meta"] = json.loads((path / "meta.json").read_text())
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Jigsaw assembly (Sec. 3.2, Fig. 4): the template, per-sample augmentation (Sec. 4.1), the assembled images
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Template:
@@ -227,6 +371,119 @@ class Template:
         return torch.tensor([float((x2 - x1) * (y2 - y1)) for x1, y1, x2, y2 in self.boxes])
 
 
+def aspect_groups(boxes: np.ndarray) -> dict[str, np.ndarray]:
+    """Sample indices of groups S (aspect w/h in [0.5, 1.5]), T (< 0.5) and W (> 1.5) (Sec. 3.2).
+    CHOICE: an empty group borrows the 10% of samples nearest to its range."""
+    ar = (boxes[:, 2] - boxes[:, 0]) / np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    groups = {"S": np.nonzero((ar >= 0.5) & (ar <= 1.5))[0], "T": np.nonzero(ar < 0.5)[0],
+              "W": np.nonzero(ar > 1.5)[0]}
+    order = np.argsort(ar, kind="stable")
+    k = max(1, len(ar) // 10)
+    nearest = {"T": order[:k], "W": order[-k:], "S": np.argsort(np.abs(np.log(ar)), kind="stable")[:k]}
+    for g, idx in groups.items():
+        if len(idx) == 0:
+            warnings.warn(f"aspect group {g} is empty; it borrows the {k} samples nearest to its range")
+            groups[g] = np.sort(nearest[g])
+    return groups
+
+
+def fit_to_region(crop: torch.Tensor, hw: tuple[int, int], mode: str, scale: float, flip: bool) -> torch.Tensor:
+    """One sample (3, h, w) (uint8, or float in [0, 1]) -> (3, H, W) of the same dtype for a region of
+    size `hw` (Sec. 3.2, Tab. 1); uint8 is resized by torch's SIMD uint8 kernel.
+    padcrop: resize by `scale` keeping the aspect ratio, then random crop / zero pad per axis;
+    warp: resize to the region (shape changes); resize: largest size that fits, aspect kept, then pad."""
+    H, W = hw
+    h, w = crop.shape[-2:]
+    if mode == "warp":
+        size = (H, W)
+    elif mode == "resize":
+        f = min(H / h, W / w)
+        size = (max(1, min(H, round(h * f))), max(1, min(W, round(w * f))))
+    else:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    if flip:
+        x = x.flip(-1)
+    out = torch.zeros(3, H, W, dtype=x.dtype)
+    h, w = x.shape[-2:]
+    # random crop where the sample is larger, random placement of the zero padding where smaller
+    sy, sx = int(torch.randint(0, max(0, h - H) + 1, ())), int(torch.randint(0, max(0, w - W) + 1, ()))
+    dy, dx = int(torch.randint(0, max(0, H - h) + 1, ())), int(torch.randint(0, max(0, W - w) + 1, ()))
+    x = x[:, sy:sy + H, sx:sx + W]
+    out[:, dy:dy + x.shape[1], dx:dx + x.shape[2]] = x
+    return out
+
+
+class JigsawAssembly(Dataset):
+    """Assembled images (Sec. 3.2, Fig. 4) from the sample table: item -> (image (3, S, S)
+    normalised, {"region_labels": (4,) long in the order R1..R4}). Each item draws 2 S, 1 T and 1 W
+    samples with torch's global RNG (common.data.SeededDataset makes that a function of
+    (seed, epoch, index)); crops come from the table (or, for a table without them, from the source
+    images of `dataset`, no transforms).
+    An epoch is len(table) / 4 images, i.e. as many sample draws as the table holds samples. The
+    groups are drawn 2 : 1 : 1 (S : T : W) whatever their sizes, so a sample is drawn on average
+    `draws_per_epoch()[group]` times per epoch: about once only when the groups are balanced; in
+    an S-heavy table each T and W sample is drawn several times and each S sample less than once."""
+
+    def __init__(self, dataset, table: dict, template: Template, fit: str = "padcrop",
+                 scale_range=(0.8, 1.5)):
+        self.dataset, self.template, self.fit, self.scale_range = dataset, template, fit, tuple(scale_range)
+        self.image_index, self.boxes, self.labels = table["image_index"], table["boxes"], table["labels"]
+        self.crops, self.crop_offsets = table.get("crops"), table.get("crop_offsets")
+        self.classes = table["meta"]["classes"]
+        boxes = np.asarray(self.boxes)
+        self.groups = aspect_groups(boxes)
+        self.area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+    def __len__(self) -> int:
+        return max(1, len(self.labels) // 4)
+
+    def draws_per_epoch(self) -> dict[str, float]:
+        """Expected draws of one sample of each group per epoch: 2 S, 1 T and 1 W per image."""
+        per_image = {"S": 2, "T": 1, "W": 1}
+        return {g: len(self) * per_image[g] / len(idx) for g, idx in self.groups.items()}
+
+    def _draw(self, group: str) -> int:
+        idx = self.groups[group]
+        return int(idx[int(torch.randint(0, len(idx), ()))])
+
+    def choose(self) -> list[int]:
+        """Sample indices for R1..R4: smaller S top-left, W top-right, T bottom-left, larger S bottom-right.
+        The two S samples are distinct (when the group has two)."""
+        S = self.groups["S"]
+        a = int(torch.randint(0, len(S), ()))
+        b = int(torch.randint(0, max(1, len(S) - 1), ()))
+        b += int(len(S) > 1 and b >= a)  # uniform over the other S samples
+        s1, s2 = int(S[a]), int(S[b])
+        if self.area[s1] > self.area[s2]:
+            s1, s2 = s2, s1
+        return [s1, self._draw("W"), self._draw("T"), s2]
+
+    def crop(self, k: int) -> torch.Tensor:
+        """Sample k's pixels, uint8 (3, h, w): its stored crop, else cut from its decoded source image."""
+        if self.crops is not None:
+            data = self.crops[self.crop_offsets[k]:self.crop_offsets[k + 1]]
+            with Image.open(io.BytesIO(data)) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # a writable copy
+        image = self.dataset[int(self.image_index[k])][0].as_subclass(torch.Tensor)  # (3, H, W) uint8
+        x1, y1, x2, y2 = crop_box(self.boxes[k], image.shape[-2:])
+        return image[:, y1:y2, x1:x2]
+
+    def __getitem__(self, i: int):
+        t = self.template
+        canvas = torch.zeros(3, t.size, t.size, dtype=torch.uint8)  # stitched in uint8, normalised once
+        chosen = self.choose()
+        for k, (x1, y1, x2, y2) in zip(chosen, t.boxes):
+            scale = float(torch.empty(()).uniform_(*self.scale_range))
+            flip = bool(torch.rand(()) < 0.5)
+            canvas[:, y1:y2, x1:x2] = fit_to_region(self.crop(k), (y2 - y1, x2 - x1), self.fit, scale, flip)
+        canvas = canvas.float().div_(255).sub_(torch.tensor(MEAN)[:, None, None]).div_(torch.tensor(STD)[:, None, None])
+        return canvas, {"region_labels": torch.as_tensor([int(self.labels[k]) for k in chosen], dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification (Sec. 3.3): the backbone's dense features and the three losses, pure functions
+# ---------------------------------------------------------------------------------------------
 def backbone_features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """X of Sec. 3.3: the ResNet's last feature map before average pooling, (B, D, H/32, W/32)."""
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
@@ -238,9 +495,6 @@ def dense_logits(net: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
     return F.conv2d(feats, net.fc.weight[:, :, None, None], net.fc.bias)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses (Sec. 3.3): pure functions
-# ---------------------------------------------------------------------------------------------
 def erf_label_weights(erf: torch.Tensor, region_masks: torch.Tensor, region_of_position: torch.Tensor,
                       tau: float = 0.7) -> torch.Tensor:
     """Eq. 2: (P, 4) weights w[p, i] of the four region labels at each feature position p.
@@ -328,234 +582,6 @@ def effective_receptive_fields(net: torch.nn.Module, images: torch.Tensor, chunk
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: sample selection (Sec. 3.1), written once as a (C + 1)-class table
-# ---------------------------------------------------------------------------------------------
-TABLE_FILES = ("image_index.npy", "boxes.npy", "labels.npy")
-CROP_FILES = ("crops.bin", "crop_offsets.npy")  # every sample's pixels as JPEG bytes (write_crops)
-
-
-def enlarge_boxes(boxes: np.ndarray, hw: tuple[int, int], rng: np.random.Generator,
-                  max_enlarge: float = 2.0) -> np.ndarray:
-    """Sec. 3.1, Fig. 2: move the top-left and bottom-right corners outwards at random, so width and
-    height grow by up to `max_enlarge`x, then truncate at the image edges. boxes (N, 4) x1y1x2y2."""
-    h, w = hw
-    wh = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, 1)  # (N, 4): w, h, w, h
-    grow = rng.uniform(0, (max_enlarge - 1) / 2, boxes.shape) * wh  # per side, CHOICE: U(0, 0.5)
-    out = boxes + grow * np.array([-1, -1, 1, 1], np.float32)
-    return np.clip(out, 0, [w, h, w, h]).astype(np.float32)
-
-
-def random_negatives(gt: np.ndarray, hw: tuple[int, int], count: int, rng: np.random.Generator,
-                     tries: int = 50) -> np.ndarray:
-    """Sec. 3.1: up to `count` random boxes with IoU = 0 against every box of `gt` (N, 4)."""
-    h, w = hw
-    out = []
-    for _ in range(count):
-        for _ in range(tries):
-            side = math.sqrt(h * w) * math.exp(rng.uniform(math.log(0.1), math.log(0.5)))  # CHOICE
-            ar = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
-            bw, bh = min(w, side * math.sqrt(ar)), min(h, side / math.sqrt(ar))
-            x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            cand = np.array([[x1, y1, x1 + bw, y1 + bh]], np.float32)
-            if len(gt) == 0 or box_iou(torch.from_numpy(cand), torch.from_numpy(gt)).max() == 0:
-                out.append(cand[0])
-                break
-    return np.asarray(out, np.float32).reshape(-1, 4)
-
-
-def extract_samples(dataset, out_dir, seed: int = 0, neg_ratio: float = 0.1, max_enlarge: float = 2.0) -> Path:
-    """Write the (C + 1)-class sample table of a common.data detection dataset to `out_dir`:
-    image_index.npy (N,) int64, boxes.npy (N, 4) float32 x1y1x2y2, labels.npy (N,) int64 (0..C-1
-    objects, C background), the crops (`write_crops`), meta.json. Atomic: written to a temporary
-    folder, then renamed."""
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    C = len(dataset.classes)
-    index, boxes, labels = [], [], []
-    n_pos, n_wanted, skipped = 0, 0, 0
-    for i in range(len(dataset)):
-        ann, hw = dataset.annotations(i), dataset.image_size(i)
-        gt = np.asarray(ann["boxes"], np.float32).reshape(-1, 4)
-        crowd = np.asarray(ann.get("iscrowd", np.zeros(len(gt))), bool)  # crowd regions: no positive, no negative
-        pos = enlarge_boxes(gt[~crowd], hw, rng, max_enlarge)
-        n_pos += len(pos)
-        want = int(math.floor(n_pos * neg_ratio + 1e-9)) - n_wanted  # 10 : 1 over the whole table
-        n_wanted += want
-        neg = random_negatives(gt, hw, want, rng)
-        skipped += want - len(neg)
-        index += [i] * (len(pos) + len(neg))
-        boxes += [pos, neg]
-        labels += [np.asarray(ann["labels"], np.int64)[~crowd] - 1, np.full(len(neg), C, np.int64)]
-    if not index:
-        raise ValueError("the detection dataset holds no boxes: nothing to extract")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    labels = np.concatenate(labels)
-    for name, arr in zip(TABLE_FILES, (np.asarray(index, np.int64), np.concatenate(boxes), labels)):
-        np.save(tmp / name, arr)
-    write_crops(dataset, tmp, np.load(tmp / "image_index.npy"), np.load(tmp / "boxes.npy"))
-    meta = {"classes": list(dataset.classes) + ["background"], "num_images": len(dataset), "seed": seed,
-            "positives": int((labels < C).sum()), "negatives": int((labels == C).sum()),
-            "negatives_not_found": skipped}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def crop_box(box, hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The whole pixels (x1, y1, x2, y2) of a sample box in an image of size hw: outwards to the
-    pixel grid, at least one pixel, inside the image."""
-    H, W = hw
-    x1, y1, x2, y2 = (float(v) for v in box)
-    x1, y1 = min(int(math.floor(x1)), W - 1), min(int(math.floor(y1)), H - 1)
-    x2, y2 = max(int(math.ceil(x2)), x1 + 1), max(int(math.ceil(y2)), y1 + 1)
-    return x1, y1, min(x2, W), min(y2, H)
-
-
-def write_crops(dataset, folder: Path, image_index: np.ndarray, boxes: np.ndarray, quality: int = 95) -> None:
-    """Every sample's pixels, cut once from its decoded image and stored as a JPEG (`quality`, no
-    chroma subsampling) in folder/crops.bin, sample k at bytes crop_offsets[k]:crop_offsets[k + 1]
-    (crop_offsets.npy): the paper's crops saved "as classification dataset beforehand" (Sec. 3.1),
-    so that an assembled image decodes four small crops instead of four whole images."""
-    offsets, current, image = [0], -1, None
-    with open(folder / CROP_FILES[0], "wb") as f:
-        for k in range(len(image_index)):  # samples come grouped by image: each image decoded once
-            if int(image_index[k]) != current:
-                current = int(image_index[k])
-                image = dataset[current][0].permute(1, 2, 0).numpy()  # (H, W, 3) uint8
-            x1, y1, x2, y2 = crop_box(boxes[k], image.shape[:2])
-            buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(image[y1:y2, x1:x2])).save(buffer, "JPEG", quality=quality,
-                                                                             subsampling=0)
-            f.write(buffer.getvalue())
-            offsets.append(offsets[-1] + buffer.tell())
-    np.save(folder / CROP_FILES[1], np.asarray(offsets, np.int64))
-
-
-def load_sample_table(path) -> dict:
-    """The table written by `extract_samples`, memory-mapped (shared by every loader worker). A
-    table extracted without crops (before they were stored) has none: its samples are cut from the
-    source images."""
-    path = Path(path)
-    missing = [f for f in TABLE_FILES + ("meta.json",) if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"sample table {path} lacks {missing}; run --stage extract first")
-    table = {f[:-4]: np.load(path / f, mmap_mode="r") for f in TABLE_FILES}
-    if all((path / f).is_file() for f in CROP_FILES):
-        table["crops"] = np.memmap(path / CROP_FILES[0], np.uint8, mode="r")
-        table["crop_offsets"] = np.load(path / CROP_FILES[1], mmap_mode="r")
-    table["meta"] = json.loads((path / "meta.json").read_text())
-    return table
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: Jigsaw assembly (Sec. 3.2, Fig. 4) and per-sample augmentation (Sec. 4.1)
-# ---------------------------------------------------------------------------------------------
-def aspect_groups(boxes: np.ndarray) -> dict[str, np.ndarray]:
-    """Sample indices of groups S (aspect w/h in [0.5, 1.5]), T (< 0.5) and W (> 1.5) (Sec. 3.2).
-    CHOICE: an empty group borrows the 10% of samples nearest to its range."""
-    ar = (boxes[:, 2] - boxes[:, 0]) / np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
-    groups = {"S": np.nonzero((ar >= 0.5) & (ar <= 1.5))[0], "T": np.nonzero(ar < 0.5)[0],
-              "W": np.nonzero(ar > 1.5)[0]}
-    order = np.argsort(ar, kind="stable")
-    k = max(1, len(ar) // 10)
-    nearest = {"T": order[:k], "W": order[-k:], "S": np.argsort(np.abs(np.log(ar)), kind="stable")[:k]}
-    for g, idx in groups.items():
-        if len(idx) == 0:
-            warnings.warn(f"aspect group {g} is empty; it borrows the {k} samples nearest to its range")
-            groups[g] = np.sort(nearest[g])
-    return groups
-
-
-def fit_to_region(crop: torch.Tensor, hw: tuple[int, int], mode: str, scale: float, flip: bool) -> torch.Tensor:
-    """One sample (3, h, w) (uint8, or float in [0, 1]) -> (3, H, W) of the same dtype for a region of
-    size `hw` (Sec. 3.2, Tab. 1); uint8 is resized by torch's SIMD uint8 kernel.
-    padcrop: resize by `scale` keeping the aspect ratio, then random crop / zero pad per axis;
-    warp: resize to the region (shape changes); resize: largest size that fits, aspect kept, then pad."""
-    H, W = hw
-    h, w = crop.shape[-2:]
-    if mode == "warp":
-        size = (H, W)
-    elif mode == "resize":
-        f = min(H / h, W / w)
-        size = (max(1, min(H, round(h * f))), max(1, min(W, round(w * f))))
-    else:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    x = F.interpolate(crop[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    if flip:
-        x = x.flip(-1)
-    out = torch.zeros(3, H, W, dtype=x.dtype)
-    h, w = x.shape[-2:]
-    # random crop where the sample is larger, random placement of the zero padding where smaller
-    sy, sx = int(torch.randint(0, max(0, h - H) + 1, ())), int(torch.randint(0, max(0, w - W) + 1, ()))
-    dy, dx = int(torch.randint(0, max(0, H - h) + 1, ())), int(torch.randint(0, max(0, W - w) + 1, ()))
-    x = x[:, sy:sy + H, sx:sx + W]
-    out[:, dy:dy + x.shape[1], dx:dx + x.shape[2]] = x
-    return out
-
-
-class JigsawAssembly(Dataset):
-    """Assembled images (Sec. 3.2, Fig. 4) from the sample table: item -> (image (3, S, S)
-    normalised, {"region_labels": (4,) long in the order R1..R4}). Each item draws 2 S, 1 T and 1 W
-    samples with torch's global RNG (common.data.SeededDataset makes that a function of
-    (seed, epoch, index)); crops come from the table (or, for a table without them, from the source
-    images of `dataset`, no transforms).
-    An epoch is len(table) / 4 images: every sample about once."""
-
-    def __init__(self, dataset, table: dict, template: Template, fit: str = "padcrop",
-                 scale_range=(0.8, 1.5)):
-        self.dataset, self.template, self.fit, self.scale_range = dataset, template, fit, tuple(scale_range)
-        self.image_index, self.boxes, self.labels = table["image_index"], table["boxes"], table["labels"]
-        self.crops, self.crop_offsets = table.get("crops"), table.get("crop_offsets")
-        self.classes = table["meta"]["classes"]
-        boxes = np.asarray(self.boxes)
-        self.groups = aspect_groups(boxes)
-        self.area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-    def __len__(self) -> int:
-        return max(1, len(self.labels) // 4)
-
-    def _draw(self, group: str) -> int:
-        idx = self.groups[group]
-        return int(idx[int(torch.randint(0, len(idx), ()))])
-
-    def choose(self) -> list[int]:
-        """Sample indices for R1..R4: smaller S top-left, W top-right, T bottom-left, larger S bottom-right.
-        The two S samples are distinct (when the group has two)."""
-        S = self.groups["S"]
-        a = int(torch.randint(0, len(S), ()))
-        b = int(torch.randint(0, max(1, len(S) - 1), ()))
-        b += int(len(S) > 1 and b >= a)  # uniform over the other S samples
-        s1, s2 = int(S[a]), int(S[b])
-        if self.area[s1] > self.area[s2]:
-            s1, s2 = s2, s1
-        return [s1, self._draw("W"), self._draw("T"), s2]
-
-    def crop(self, k: int) -> torch.Tensor:
-        """Sample k's pixels, uint8 (3, h, w): its stored crop, else cut from its decoded source image."""
-        if self.crops is not None:
-            data = self.crops[self.crop_offsets[k]:self.crop_offsets[k + 1]]
-            with Image.open(io.BytesIO(data)) as im:
-                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # a writable copy
-        image = self.dataset[int(self.image_index[k])][0].as_subclass(torch.Tensor)  # (3, H, W) uint8
-        x1, y1, x2, y2 = crop_box(self.boxes[k], image.shape[-2:])
-        return image[:, y1:y2, x1:x2]
-
-    def __getitem__(self, i: int):
-        t = self.template
-        canvas = torch.zeros(3, t.size, t.size, dtype=torch.uint8)  # stitched in uint8, normalised once
-        chosen = self.choose()
-        for k, (x1, y1, x2, y2) in zip(chosen, t.boxes):
-            scale = float(torch.empty(()).uniform_(*self.scale_range))
-            flip = bool(torch.rand(()) < 0.5)
-            canvas[:, y1:y2, x1:x2] = fit_to_region(self.crop(k), (y2 - y1, x2 - x1), self.fit, scale, flip)
-        canvas = canvas.float().div_(255).sub_(torch.tensor(MEAN)[:, None, None]).div_(torch.tensor(STD)[:, None, None])
-        return canvas, {"region_labels": torch.as_tensor([int(self.labels[k]) for k in chosen], dtype=torch.long)}
-
-
-# ---------------------------------------------------------------------------------------------
 # Pre-training: train step / loop (Sec. 3.3, Sec. 4.1)
 # ---------------------------------------------------------------------------------------------
 def pretrain_loss(net, images, region_labels, strategy: str, template: Template, weights, num_classes: int):
@@ -636,7 +662,11 @@ def build_pretrain_data(args) -> JigsawAssembly:
     if table["meta"]["num_images"] != len(source):
         raise ValueError(f"sample table {samples} was extracted from {table['meta']['num_images']} images, but "
                          f"--data holds {len(source)}: remove the folder or pass another --samples")
-    return JigsawAssembly(source, table, Template(args.input_size, args.split), args.fit, args.scale_range)
+    dataset = JigsawAssembly(source, table, Template(args.input_size, args.split), args.fit, args.scale_range)
+    if cdist.is_main():
+        print(f"[samples] an epoch is {len(dataset)} assembled images; draws per sample per epoch: "
+              + ", ".join(f"{g} {v:.2f} ({len(dataset.groups[g])} samples)" for g, v in dataset.draws_per_epoch().items()))
+    return dataset
 
 
 def pretrain_dir(args) -> Path:
@@ -654,7 +684,7 @@ def pretrain(args, env, max_steps: int | None = None) -> Path:
     per_rank = args.batch_size // env.world_size
     lr = args.lr * args.batch_size / 512
     loader = cdata.build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
-                                group_by_aspect_ratio=False)
+                                group_by_aspect_ratio=False, persistent_workers=True)  # no re-fork per epoch
     cdist.seed_everything(args.seed)
     resnet = build_classifier(args.backbone, K, norm="bn").to(env.device)
     model = cdist.wrap_ddp(JigsawModel(resnet, args.strategy, dataset.template, K), env)
@@ -672,11 +702,15 @@ def pretrain(args, env, max_steps: int | None = None) -> Path:
         labels = torch.stack([t["region_labels"] for t in targets])  # (B, 4)
         return {f"loss_{args.strategy}": model(torch.stack(images), labels, erf.weights if erf else None)}
 
+    meter = ComputeMeter(env.device)  # Tab. 5's cost of the pre-training, ERF refreshes included
+    meter.start()
+    steps = min(args.iters, max_steps or args.iters)
     engine.train_detector(model, loader, optimizer, scheduler, epochs=math.ceil(args.iters / len(loader)),
-                          max_steps=min(args.iters, max_steps or args.iters), out_dir=out, args=args, loss_fn=loss_fn, amp=args.amp,
+                          max_steps=steps, out_dir=out, args=args, loss_fn=loss_fn, amp=args.amp,
                           checkpoint_every=args.checkpoint_every, resume=resume,
-                          extra_state={"erf": erf} if erf else None, log_every=args.log_every,
+                          extra_state={"compute": meter, **({"erf": erf} if erf else {})}, log_every=args.log_every,
                           desc=f"pretrain {args.strategy}", on_step_end=erf.on_step_end if erf else None)
+    meter.write(out, iterations=steps)
     cdist.barrier()
     return out / "checkpoint.pth"
 
@@ -693,7 +727,7 @@ def detection_data(args, env):
     val_set = cdata.build_detection_dataset(args.data, args.val_split, cdata.detection_transforms(False), **kw)
     # --det-batch-size is the global detection batch (16 in Sec. 4.1); each rank takes batch / world.
     train_loader = cdata.build_loader(train_set, args.det_batch_size // env.world_size, train=True,
-                                      workers=args.workers, seed=args.seed)
+                                      workers=args.workers, seed=args.seed, persistent_workers=True)
     val_loader = cdata.build_loader(val_set, max(1, args.det_batch_size // env.world_size), train=False,
                                     workers=args.workers)
     return train_set, train_loader, val_loader
@@ -721,72 +755,150 @@ def compute_seconds(device: torch.device) -> float:
     return time.process_time()
 
 
-def seconds_per_iteration(args, env, train_set, loader, scratch: bool, iters: int = 3) -> float:
-    """Calibrate the equal-compute budget: median time of a few training steps of a throwaway copy."""
-    model = make_detector(args, len(train_set.classes), scratch).to(env.device)
+class ComputeMeter:
+    """Tab. 5's cost of a training stage, recorded as it runs: `compute_seconds` of each rank's
+    training loop (ERF refreshes included), kept in the checkpoint for every rank (so --resume
+    carries it on) and written to OUT/<stage>/compute.json at the end. `total` is the sum over
+    ranks: GPU-seconds (the paper's GPU days), or CPU-seconds on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.carried, self.t0 = device, 0.0, None
+
+    def start(self) -> None:
+        self.t0 = compute_seconds(self.device)
+
+    def seconds(self) -> float:
+        """This rank's compute so far (the run it resumed included)."""
+        return self.carried + (compute_seconds(self.device) - self.t0 if self.t0 is not None else 0.0)
+
+    def state_dict(self) -> dict:  # called on every rank (the checkpoint is a collective)
+        return {"per_rank_s": cdist.all_gather_object(self.seconds())}
+
+    def load_state_dict(self, state: dict) -> None:
+        per_rank = state["per_rank_s"]
+        self.carried = float(per_rank[cdist.get_rank() % len(per_rank)])
+
+    def write(self, out_dir, **extra) -> dict:
+        """Every rank's compute and their sum into out_dir/compute.json (a collective); returns it."""
+        per_rank = cdist.all_gather_object(self.seconds())
+        record = {"per_rank_s": per_rank, "total_s": float(sum(per_rank)), "world_size": len(per_rank),
+                  "clock": "cuda wall-clock" if self.device.type == "cuda" else "process CPU time", **extra}
+        if cdist.is_main():
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            cdata.write_json_atomic(record, Path(out_dir) / "compute.json")
+        return record
+
+
+def read_compute(stage_dir) -> float:
+    """The total compute (seconds summed over ranks) a finished stage recorded in compute.json."""
+    path = Path(stage_dir) / "compute.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the equal-compute budget of --stage scratch is the Jigsaw run's "
+                                f"pre-training + fine-tuning compute, which those stages write when they finish; run "
+                                f"them first into this --out, or pass --scratch-budget-s SECONDS")
+    return float(json.loads(path.read_text())["total_s"])
+
+
+def finetune_dir(args, scratch: bool = False) -> Path:
+    return Path(args.out) / ("scratch" if scratch else
+                             ("finetune" if args.strategy == "erf" else f"finetune_{args.strategy}"))
+
+
+def scratch_budget(args) -> float:
+    """Tab. 5: the compute the from-scratch detector gets (seconds over all ranks): --scratch-budget-s,
+    or ('auto') what the Jigsaw run's pre-training and fine-tuning recorded."""
+    if args.scratch_budget_s != "auto":
+        try:
+            return float(args.scratch_budget_s)
+        except ValueError:
+            raise ValueError(f"--scratch-budget-s must be 'auto' or a number of seconds, got "
+                             f"{args.scratch_budget_s!r}") from None
+    return read_compute(pretrain_dir(args)) + read_compute(finetune_dir(args))
+
+
+def seconds_per_iteration(model, loader, env, amp: bool, iters: int) -> float:
+    """Compute of one training iteration of `model` as it will train (DDP-wrapped, so the gradient
+    all-reduce counts), summed over ranks: the median of `iters` steps after a warm-up step. The
+    optimizer has LR 0 and the model no running statistics (GroupNorm), so the weights stay as built."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     times = []
     cdata.set_epoch(loader, 0)
-    for k, (images, targets) in zip(range(iters + 1), loader):
-        t0 = compute_seconds(env.device)
-        with engine.autocast(env.device, args.amp):  # the precision the training will run at
-            loss = sum(model([im.to(env.device) for im in images], engine._to_device(targets, env.device)).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if k:  # the first step warms up allocators and caches
+    while len(times) < iters:
+        for images, targets in loader:
+            t0 = compute_seconds(env.device)
+            with engine.autocast(env.device, amp):  # the precision the training will run at
+                losses = model([im.to(env.device) for im in images], engine._to_device(targets, env.device))
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
             times.append(compute_seconds(env.device) - t0)
-    return float(np.median(times))
+            if len(times) > iters:
+                break
+    return float(sum(cdist.all_gather_object(float(np.median(times[1:])))))
+
+
+def detector_schedule(args, iters_per_epoch: int) -> dict:
+    """The 1x schedule (Sec. 4.1): --det-epochs, LR x0.1 at --det-steps epochs, in iterations."""
+    return {"iterations": args.det_epochs * iters_per_epoch,
+            "milestones": [s * iters_per_epoch for s in args.det_steps]}
+
+
+def scratch_schedule(args, env, model, loader) -> dict:
+    """Tab. 5: the from-scratch run's iterations = its budget / its measured compute per iteration,
+    the 1x schedule's LR steps (9/13, 12/13) at the same fractions. Written to OUT/scratch/schedule.json
+    by the first run; a resumed run reads it back (its calibration must not change)."""
+    path = finetune_dir(args, scratch=True) / "schedule.json"
+    if args.resume and path.is_file():
+        return json.loads(path.read_text())
+    budget = scratch_budget(args)
+    if budget <= 0:
+        return detector_schedule(args, len(loader))
+    sec = seconds_per_iteration(model, loader, env, args.amp, args.calibrate_iters)
+    cdist.seed_everything(args.seed)  # training starts from the same RNG state as without calibration
+    n = max(1, round(budget / sec))
+    schedule = {"budget_s": budget, "seconds_per_iteration": sec, "iterations": n,
+                "milestones": [round(n * s / args.det_epochs) for s in args.det_steps]}
+    if cdist.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cdata.write_json_atomic(schedule, path)
+    print(f"[scratch] {sec:.3f}s per iteration (all ranks): {n} iterations fit the budget of {budget:.0f}s")
+    return schedule
 
 
 def finetune(args, env, scratch: bool = False) -> dict:
-    """Fine-tune a detector from the Jigsaw checkpoint (or from scratch with GroupNorm), evaluate on
-    --val-split; returns the COCO metrics plus the training wall-clock."""
-    name = "scratch" if scratch else ("finetune" if args.strategy == "erf" else f"finetune_{args.strategy}")
-    out = Path(args.out) / name
+    """Fine-tune a detector from the Jigsaw checkpoint (or from scratch with GroupNorm at the
+    equal-compute budget), evaluate on --val-split; returns the metrics with the training's compute."""
+    out = finetune_dir(args, scratch)
+    name = out.name
     weights = None if scratch else (args.weights or str(pretrain_dir(args) / "checkpoint.pth"))
     train_set, loader, val_loader = detection_data(args, env)
     C = len(train_set.classes)
     if args.arch == "mask_rcnn" and "masks" not in train_set[0][1]:
         raise ValueError(f"--arch mask_rcnn needs instance masks, and {args.data} yields none; "
                          f"use faster_rcnn_c4 / faster_rcnn_fpn")
-    iters_per_epoch = len(loader)
-    epochs, steps = args.det_epochs, list(args.det_steps)
-    schedule_file = out / "schedule.json"
     resume = engine.resolve_resume(args.resume, out, run_dir=args.out if args.demo else None)
-    if scratch and args.scratch_budget_s > 0 and resume is not None and schedule_file.is_file():
-        epochs, steps = json.loads(schedule_file.read_text())["epochs_steps"]  # the calibration of the first run
-    elif scratch and args.scratch_budget_s > 0:
-        # Tab. 5: as many iterations as the Jigsaw run's pre-training + fine-tuning took, with the
-        # 1x schedule's step epochs stretched in proportion.
-        sec = cdist.broadcast_object(seconds_per_iteration(args, env, train_set, loader, scratch=True))
-        epochs = max(1, round(args.scratch_budget_s / (sec * iters_per_epoch)))
-        steps = [round(s * epochs / args.det_epochs) for s in args.det_steps]
-        if cdist.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            schedule_file.write_text(json.dumps({"seconds_per_iteration": sec, "epochs_steps": [epochs, steps]}))
-        print(f"[scratch] {sec:.3f}s/iteration: {epochs} epochs fit the budget of {args.scratch_budget_s:.0f}s")
     cdist.seed_everything(args.seed)
-    model = make_detector(args, C, scratch, weights).to(env.device)
+    model = cdist.wrap_ddp(make_detector(args, C, scratch, weights).to(env.device), env)
+    schedule = scratch_schedule(args, env, model, loader) if scratch else detector_schedule(args, len(loader))
+    n = schedule["iterations"]
     lr = args.det_lr * args.det_batch_size / 16  # Sec. 4.1: 0.02 at batch 16, scaled linearly
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    scheduler = engine.build_scheduler(optimizer, epochs * iters_per_epoch,
-                                       min(args.det_warmup_iters, epochs * iters_per_epoch // 4), 0.001, "step",
-                                       [s * iters_per_epoch for s in steps])
-    model = cdist.wrap_ddp(model, env)
-    t0 = compute_seconds(env.device)
-    engine.train_detector(model, loader, optimizer, scheduler, epochs=epochs, out_dir=out, args=args, amp=args.amp,
-                          checkpoint_every=args.checkpoint_every,
-                          resume=resume, log_every=args.log_every,
-                          desc=name)
-    train_s = compute_seconds(env.device) - t0
+    scheduler = engine.build_scheduler(optimizer, n, min(args.det_warmup_iters, n // 4), 0.001, "step",
+                                       schedule["milestones"])
+    meter = ComputeMeter(env.device)
+    meter.start()
+    engine.train_detector(model, loader, optimizer, scheduler, epochs=math.ceil(n / len(loader)), max_steps=n,
+                          out_dir=out, args=args, amp=args.amp, checkpoint_every=args.checkpoint_every,
+                          resume=resume, extra_state={"compute": meter}, log_every=args.log_every, desc=name)
+    compute = meter.write(out, iterations=n)
     metrics = evaluate_detector(cdist.unwrap(model), val_loader, env.device, metric=evaluation_metric(args.data))
-    metrics.update(train_compute_s=train_s, epochs=epochs, iterations=epochs * iters_per_epoch)
+    metrics.update(train_compute_s=compute["total_s"], iterations=n, budget_s=schedule.get("budget_s"))
     if cdist.is_main():
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        cdata.write_json_atomic(metrics, out / "metrics.json")
+        budget = f", budget {schedule['budget_s']:.0f}s" if schedule.get("budget_s") else ""
         print(f"[{name}] AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} AP75 {metrics['AP75']:.4f} "
-              f"({epochs} epochs, {train_s:.0f}s)")
+              f"({n} iterations, {compute['total_s']:.0f}s of compute{budget})")
     return metrics
 
 
@@ -801,7 +913,7 @@ def erf_figure(args, env, checkpoints: dict, path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.detectors import load_weights
+    from common.detectors import is_torchvision, load_weights
 
     dataset = build_pretrain_data(args)
     t = dataset.template
@@ -813,7 +925,9 @@ def erf_figure(args, env, checkpoints: dict, path) -> dict:
     outside = {}
     for ax, (name, ckpt) in zip(axes[1:], checkpoints.items()):
         resnet = build_classifier(args.backbone, len(dataset.classes), norm="bn")
-        if ckpt is not None:
+        if is_torchvision(ckpt):  # ImageNet=torchvision (Fig. 6 (d)): torchvision's ImageNet weights
+            resnet = build_classifier(args.backbone, len(dataset.classes), norm="bn", pretrained=str(ckpt))
+        elif ckpt is not None:
             load_weights(resnet, ckpt, verbose=False)
         erf = effective_receptive_fields(resnet.to(env.device), images)  # (P, H, W)
         r1 = erf[t.region_of_position() == 0].sum(0)  # the top-left region's positions
@@ -878,64 +992,130 @@ def benchmark(args, env, batches: int = 10) -> dict:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
-DEMO_SETTINGS = dict(  # toy scale (DEVIATION, see the header); everything else as the paper
-    backbone="resnet18", input_size=128, split=32, batch_size=16, iters=30, warmup_iters=5, erf_every=15,
-    erf_images=4, arch="faster_rcnn_fpn", det_epochs=3, det_steps=[2], det_batch_size=8, det_warmup_iters=10,
-    min_size=128, max_size=128, workers=0, log_every=10, checkpoint_every=10**9,
-    det_kwargs=json.dumps({"anchor_sizes": [16, 32, 64, 128, 256], "rpn_batch_size_per_image": 64,
-                           "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
-                           "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
-                           "box_batch_size_per_image": 32}))
-DEMO_DATA = dict(train=96, val=48, image_size=128)
+DEMO = dict(  # the CPU demo (DEVIATION, see the header); the recipe is common.demo's
+    train_scenes=400, val_scenes=300, input_size=192, split=64, scale_range=(1.6, 3.0), pretrain_batch=8,
+    pretrain_steps=24, erf_images=1, finetune_steps=80, calibrate_steps=(8, 16))
+DEMO_STRATEGIES = {"erf": "ERF-adaptive Dense Cls.", "blockwise": "Block-wise Cls.", "global": "Global Cls."}
+
+
+def demo_pretrain(resnet, assembly: JigsawAssembly, strategy: str, steps: int, batch: int, seed: int,
+                  tau: float = 0.7, erf_images: int = 1) -> float:
+    """Jigsaw pre-training at the demo recipe (common.demo's classifier optimiser and one-cycle LR;
+    Eq. 2's weights refreshed at step 0 and half-way); returns its compute (`compute_seconds`)."""
+    from common.demo import demo_optimizer, one_cycle
+
+    device = next(resnet.parameters()).device
+    t = assembly.template
+    model = JigsawModel(resnet, strategy, t, len(assembly.classes))
+    optimizer = demo_optimizer(model.parameters(), "classifier")
+    scheduler = one_cycle(optimizer, steps, max(1, steps // 4))
+    t0 = compute_seconds(device)
+    erf = None
+    if strategy == "erf":
+        erf = ErfWeights(resnet, assembly, tau, max(1, steps // 2), steps, erf_images, seed, device)
+        erf.refresh()
+    torch.manual_seed(seed)
+    model.train()
+    for step in range(1, steps + 1):
+        items = [assembly[i] for i in range(batch)]  # each item draws its four samples at random
+        images = torch.stack([x for x, _ in items]).to(device)
+        labels = torch.stack([y["region_labels"] for _, y in items]).to(device)
+        loss = model(images, labels, erf.weights if erf else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if erf:
+            erf.on_step_end(step)
+        if step % 10 == 0 or step == steps:
+            print(f"pretrain {strategy} step {step}/{steps} loss {loss.item():.3f}")
+    return compute_seconds(device) - t0
+
+
+def demo_finetune(model, train_set, steps: int, seed: int) -> float:
+    """common.demo's detector training; returns its compute (`compute_seconds`)."""
+    from common.demo import train_demo_detector
+
+    device = next(model.parameters()).device
+    t0 = compute_seconds(device)
+    train_demo_detector(model, train_set, steps, seed=seed)
+    return compute_seconds(device) - t0
+
+
+def demo_seconds_per_step(train_set, num_classes: int, seed: int, steps=(8, 16)) -> float:
+    """The scratch detector's compute per step: the difference of two short runs of a throwaway
+    copy, over their difference in steps (start-up costs cancel)."""
+    from common.demo import build_demo_detector
+
+    cost = []
+    for n in steps:
+        torch.manual_seed(seed)
+        cost.append(demo_finetune(build_demo_detector(num_classes, norm="gn"), train_set, n, seed))
+    return max(1e-6, (cost[1] - cost[0]) / (steps[1] - steps[0]))
 
 
 def demo(args, env) -> dict:
-    """Every stage at toy scale on synthetic scenes (exported once to COCO format); prints the
-    tables it measured. Costs are `compute_seconds` (CPU time of this process on the CPU)."""
+    """Tab. 5 and Tab. 2 on the benchmark's synthetic scenes at common.demo's recipe; writes
+    OUT/demo.json. Costs are `compute_seconds` (this process's CPU time on the CPU)."""
+    from common.demo import build_demo_detector, claim, evaluate_demo_detector, write_demo_result
+    from common.synthetic import SyntheticDetection
+
     wall0 = time.time()
-    for key, value in DEMO_SETTINGS.items():
-        setattr(args, key, value)
     out = Path(args.out)
-    coco = out / "coco"
-    if not (coco / "annotations" / "instances_val.json").is_file():
-        for split in ("train", "val"):
-            synthetic = cdata.build_detection_dataset("synthetic", split, num_images=DEMO_DATA[split],
-                                                      image_size=DEMO_DATA["image_size"], seed=args.seed)
-            export_coco(synthetic, coco, split)
-    args.data, args.train_split, args.val_split = str(coco), "train", "val"
-    dataset = build_pretrain_data(args)  # Sec. 3.1: the sample table, written once
-    meta = load_sample_table(out / "samples")["meta"]
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: the demo writes a fresh folder; pass another --out")
+    d, s = DEMO, args.seed
+    train_set = SyntheticDetection(d["train_scenes"], 64, seed=1000 * s + 1, cache=out / "cache")
+    val_set = SyntheticDetection(d["val_scenes"], 64, seed=1000 * s + 2, cache=out / "cache")
+    C = len(train_set.classes)
+    extract_samples(train_set, out / "samples", s)  # Sec. 3.1
+    table = load_sample_table(out / "samples")
+    assembly = JigsawAssembly(train_set, table, Template(d["input_size"], d["split"]), "padcrop", d["scale_range"])
     rows, cost = {}, {}
-    for strategy in ("erf", "blockwise"):  # Tab. 2 (global classification: --strategy global)
-        args.strategy = strategy
-        t0 = compute_seconds(env.device)
-        pretrain(args, env)
-        cost[strategy] = compute_seconds(env.device) - t0
-        rows[strategy] = finetune(args, env)
-        cost[strategy] += rows[strategy]["train_compute_s"]
-    args.strategy = "erf"
-    args.scratch_budget_s = cost["erf"]  # Tab. 5: scratch gets Jigsaw's pre-training + fine-tuning compute
-    rows["scratch"] = finetune(args, env, scratch=True)
-    fig = out / "erf_fig6.png"
-    outside = erf_figure(args, env, {"random init": None,
-                                     "block-wise": out / "pretrain_blockwise" / "checkpoint.pth",
-                                     "ERF-adaptive": out / "pretrain" / "checkpoint.pth"}, fig)
-    fmt = lambda m: f"{100 * m['AP']:.1f} | {100 * m['AP50']:.1f} | {100 * m['AP75']:.1f}"
-    print(f"\nSample table (Sec. 3.1): {meta['positives']} positives, {meta['negatives']} negatives from "
-          f"{meta['num_images']} images; aspect groups {({g: len(v) for g, v in dataset.groups.items()})}")
-    print(f"\nTable 2: classification strategy ({args.backbone}, {args.iters} pre-training iterations, then "
-          f"{args.arch} for {args.det_epochs} epochs; COCO AP on {DEMO_DATA['val']} synthetic images)")
-    print("| strategy | AP | AP50 | AP75 | ERF mass of R1's positions outside R1 (Fig. 6) |\n|---|---|---|---|---|")
-    print(f"| Block-wise Cls. | {fmt(rows['blockwise'])} | {100 * outside['block-wise']:.0f}% |")
-    print(f"| ERF-adaptive Dense Cls. | {fmt(rows['erf'])} | {100 * outside['ERF-adaptive']:.0f}% |")
-    print(f"(random initialisation: {100 * outside['random init']:.0f}% outside R1; figure: {fig})")
-    print("\nTable 5: equal total compute (CPU seconds of this process; GPU seconds on CUDA)")
-    print("| method | total cost (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
-    print(f"| Scratch (GN), {rows['scratch']['epochs']} epochs | {rows['scratch']['train_compute_s']:.0f} | "
-          f"{fmt(rows['scratch'])} |")
-    print(f"| Jigsaw + {args.det_epochs} epochs | {cost['erf']:.0f} | {fmt(rows['erf'])} |")
-    print(f"\ndemo wall-clock: {time.time() - wall0:.0f}s")
-    return {"rows": rows, "cost": cost, "erf_outside_r1": outside}
+    strategies = ["erf"] + [k for k in DEMO_STRATEGIES if k != "erf" and k in args.demo_strategies]
+    for strategy in strategies:  # Tab. 2: the same pre-training and fine-tuning, three losses
+        torch.manual_seed(s)
+        resnet = build_classifier("resnet18", len(assembly.classes), norm="bn")
+        pre = demo_pretrain(resnet, assembly, strategy, d["pretrain_steps"], d["pretrain_batch"], s,
+                            args.tau, d["erf_images"])
+        torch.manual_seed(s)
+        detector = build_demo_detector(C, pretrained=resnet.state_dict())
+        ft = demo_finetune(detector, train_set, d["finetune_steps"], s)
+        rows[strategy] = evaluate_demo_detector(detector, val_set)
+        cost[strategy] = {"pretrain_s": pre, "finetune_s": ft, "total_s": pre + ft}
+    # Tab. 5: the GroupNorm detector from scratch gets the ERF-adaptive run's pre-training + fine-tuning compute
+    budget = cost["erf"]["total_s"]
+    per_step = demo_seconds_per_step(train_set, C, s, d["calibrate_steps"])
+    steps = max(8, round(budget / per_step))  # (one-cycle needs 8; never binds at the demo's size)
+    torch.manual_seed(s)
+    scratch = build_demo_detector(C, norm="gn")
+    used = demo_finetune(scratch, train_set, steps, s)
+    rows["scratch"] = evaluate_demo_detector(scratch, val_set)
+    cost["scratch"] = {"budget_s": budget, "seconds_per_step": per_step, "steps": steps, "total_s": used}
+
+    fmt = lambda m: f"{m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f}"
+    groups = {g: int(len(v)) for g, v in assembly.groups.items()}
+    print(f"\nSample table (Sec. 3.1): {table['meta']['positives']} positives, {table['meta']['negatives']} negatives "
+          f"from {d['train_scenes']} scenes; aspect groups {groups}")
+    print(f"\nTable 5: equal total compute (CPU seconds of this process); COCO AP on {d['val_scenes']} held-out scenes")
+    print("| method | compute (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
+    print(f"| Scratch (GN), {steps} steps (budget {budget:.0f} s) | {used:.0f} | {fmt(rows['scratch'])} |")
+    print(f"| Jigsaw ({d['pretrain_steps']} steps) + {d['finetune_steps']} steps | {budget:.0f} | {fmt(rows['erf'])} |")
+    print("\nTable 2: classification strategy (same pre-training and fine-tuning)")
+    print("| strategy | compute (s) | AP | AP50 | AP75 |\n|---|---|---|---|---|")
+    for k in strategies:
+        print(f"| {DEMO_STRATEGIES[k]} | {cost[k]['total_s']:.0f} | {fmt(rows[k])} |")
+    wall = time.time() - wall0
+    tables = {"table5": {"scratch_gn": {**rows["scratch"], **cost["scratch"]},
+                         "jigsaw_erf": {**rows["erf"], **cost["erf"]}},
+              "table2": {DEMO_STRATEGIES[k]: {**rows[k], **cost[k]} for k in strategies},
+              "samples": {**{k: v for k, v in table["meta"].items() if k != "classes"}, "aspect_groups": groups},
+              "settings": {**DEMO, "detector": "faster_rcnn_fpn (common.demo.build_demo_detector)"}}
+    claims = [claim("Jigsaw + fine-tune > scratch (GN) at equal compute", "AP50",
+                    ("Jigsaw (ERF-adaptive) + fine-tune", rows["erf"]["AP50"]), ("scratch (GN)", rows["scratch"]["AP50"]))]
+    write_demo_result(out, "jigsaw.py", s, wall, claims, tables)
+    print(f"\ndemo wall-clock: {wall:.0f}s")
+    return {"rows": rows, "cost": cost}
 
 
 def main(args):

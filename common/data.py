@@ -517,16 +517,23 @@ class SeededDataset(Dataset):
     any number of workers, and exactly reproduced when a run resumes mid-epoch."""
 
     def __init__(self, dataset, seed: int = 0):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
+        # the epoch lives in shared memory, so that persistent DataLoader workers (which keep their
+        # copy of this object across epochs) see set_epoch too
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getattr__(self, name):  # classes, image_ids, annotations, image_size of the wrapped set
-        if name == "dataset":
+        if name in ("dataset", "_epoch"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -583,10 +590,13 @@ class GroupedBatchSampler(Sampler):
 
 
 def build_loader(dataset, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
-                 collate_fn=collate_detection, group_by_aspect_ratio: bool = True) -> DataLoader:
+                 collate_fn=collate_detection, group_by_aspect_ratio: bool = True,
+                 persistent_workers: bool = False) -> DataLoader:
     """A DataLoader over this rank's shard. `batch_size` is per rank. Training: shuffled, seeded
     augmentation (`SeededDataset`), aspect-ratio groups, full batches only; evaluation: in order,
-    every image once (the DistributedSampler's padding is removed when predictions are gathered)."""
+    every image once (the DistributedSampler's padding is removed when predictions are gathered).
+    `persistent_workers`: the worker processes live across epochs (no re-fork per epoch; `set_epoch`
+    still reaches them)."""
     world, rank = get_world_size(), get_rank()
     if train:
         dataset = SeededDataset(dataset, seed)
@@ -599,7 +609,8 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int = 4, seed: 
         groups = [int(h > w) for h, w in (dataset.image_size(i) for i in range(len(dataset)))]
     batch_sampler = GroupedBatchSampler(sampler, groups, batch_size, drop_last=train)
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=persistent_workers and workers > 0)
 
 
 def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:

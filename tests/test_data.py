@@ -1,6 +1,7 @@
 """common.data: the synthetic dataset, export round trips through the real-format loaders, bad
 input, transforms, samplers and subsets."""
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -482,3 +483,30 @@ def test_every_script_builds_its_training_set_with_train_true(case, tmp_path, mo
     with pytest.raises(_Built):
         run(module, args, tmp_path)
     assert calls[-1] == (train_split, True, case == "jigsaw_finetune")  # --arch mask_rcnn: COCO's masks
+
+
+class _PidAndDraw(torch.utils.data.Dataset):
+    """Item i -> (i, the worker's pid, a random draw): which process served it, and its augmentation."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return i, os.getpid(), float(torch.rand(()))
+
+
+def test_persistent_workers_live_across_epochs_and_see_set_epoch():
+    from common.data import build_loader, collate_detection, set_epoch
+
+    def epoch(loader, e):
+        set_epoch(loader, e)
+        items = [x for idx, pid, draw in loader for x in zip(idx, pid, draw)]
+        return {i: d for i, _, d in items}, {p for _, p, _ in items}
+
+    kw = dict(train=True, seed=0, collate_fn=collate_detection, group_by_aspect_ratio=False)
+    loader = build_loader(_PidAndDraw(), 4, workers=2, persistent_workers=True, **kw)
+    (d0, p0), (d1, p1) = epoch(loader, 0), epoch(loader, 1)
+    assert p0 == p1 and os.getpid() not in p0  # the same two worker processes serve both epochs
+    reference = build_loader(_PidAndDraw(), 4, workers=0, **kw)
+    assert (d0, d1) == (epoch(reference, 0)[0], epoch(reference, 1)[0])  # each epoch's own augmentation
+    assert d0 != d1

@@ -57,6 +57,21 @@ def test_sample_table_positives_negatives_and_memmap(tmp_path):
         assert inside.any() and table["labels"][k] + 1 in ann["labels"][inside]
 
 
+def test_negatives_are_exclusive_with_the_positive_samples(tmp_path):
+    # Sec. 3.1: "IoU(pos, neg) = 0 ... negative samples are exclusive with those positive ones": the
+    # positives are the enlarged crops, so a negative may touch no enlarged box of its image.
+    ds = SyntheticDetection(48, 64, seed=0)
+    jigsaw.extract_samples(ds, tmp_path / "samples", seed=0)
+    table = jigsaw.load_sample_table(tmp_path / "samples")
+    C = len(ds.classes)
+    boxes, labels, index = (np.array(table[k]) for k in ("boxes", "labels", "image_index"))
+    negatives = np.nonzero(labels == C)[0]
+    assert len(negatives) >= 5
+    for k in negatives:
+        pos = boxes[(index == index[k]) & (labels < C)]
+        assert box_iou(torch.from_numpy(boxes[k:k + 1]), torch.from_numpy(pos)).max() == 0, k
+
+
 # --- Sec. 3.2: assembly -------------------------------------------------------------------------
 def test_template_regions_and_feature_positions():
     t = jigsaw.Template(224, 64)
@@ -99,6 +114,22 @@ def test_assembly_places_each_group_in_its_region():
         raw = (raw * 255).round()
         for k, (x1, y1, x2, y2) in zip([0, 2, 3, 1], ds.template.boxes):
             assert (raw[:, y1:y2, x1:x2] == k).all()  # warp fills the whole region with sample k
+
+
+def test_epoch_draw_counts_follow_the_group_sizes():
+    # 40 S, 4 T, 4 W samples: an epoch (12 images) draws each T / W sample 3 times, each S sample 0.6 times
+    boxes = [[0, 0, 20, 20]] * 40 + [[0, 0, 10, 40]] * 4 + [[0, 0, 40, 10]] * 4
+    ds = jigsaw.JigsawAssembly(_Solid(), _table(boxes, [0] * 48), jigsaw.Template(224, 64))
+    expected = ds.draws_per_epoch()
+    assert len(ds) == 12 and expected == pytest.approx({"S": 0.6, "T": 3.0, "W": 3.0})
+    torch.manual_seed(0)
+    counts = np.zeros(48)
+    epochs = 200
+    for _ in range(epochs * len(ds)):
+        np.add.at(counts, ds.choose(), 1)
+    for g, idx in ds.groups.items():
+        assert counts[idx].mean() / epochs == pytest.approx(expected[g], rel=0.05), g
+    assert "about once only when the groups are balanced" in jigsaw.JigsawAssembly.__doc__
 
 
 def test_padcrop_pads_small_and_crops_large_samples():
@@ -199,6 +230,38 @@ def test_pretrain_resume_matches_uninterrupted_run(tmp_path):
     assert w.shape == (4, 4) and torch.allclose(w.sum(1), torch.ones(4))
 
 
+def test_pretrain_compute_is_recorded_per_rank_and_carried_across_resume(tmp_path):
+    # Tab. 5's cost: recorded as the pre-training runs, in the checkpoint (every rank) and compute.json
+    args = _args(tmp_path, "--iters", "4", "--checkpoint-every", "1")
+    path = jigsaw.pretrain(args, _env(), max_steps=3)
+    state = torch.load(path, weights_only=True)
+    per_rank = state["extra"]["compute"]["per_rank_s"]
+    assert len(per_rank) == 1 and per_rank[0] > 0
+    state["extra"]["compute"]["per_rank_s"] = [1000.0]  # as if the first 3 steps had cost 1000 s
+    torch.save(state, path)
+    jigsaw.pretrain(_args(tmp_path, "--iters", "4", "--resume", "auto"), _env())
+    record = json.loads((path.parent / "compute.json").read_text())
+    assert record["world_size"] == 1 and 1000 < record["total_s"] < 1000 + 600  # carried on, plus step 4
+    assert record["iterations"] == 4
+
+
+def test_scratch_gets_exactly_the_jigsaw_runs_recorded_compute(tmp_path):
+    env = _env()
+    det = [*DET, "--num-images", "8"]
+    jigsaw.pretrain(_args(tmp_path, "--iters", "2"), env)
+    tuned = jigsaw.finetune(_args(tmp_path, *det), env)
+    budget = sum(json.loads((tmp_path / d / "compute.json").read_text())["total_s"] for d in ("pretrain", "finetune"))
+    assert tuned["train_compute_s"] == json.loads((tmp_path / "finetune" / "compute.json").read_text())["total_s"]
+    scratch = jigsaw.finetune(_args(tmp_path, *det, "--calibrate-iters", "2"), env, scratch=True)  # --scratch-budget-s auto
+    schedule = json.loads((tmp_path / "scratch" / "schedule.json").read_text())
+    assert schedule["budget_s"] == pytest.approx(budget)
+    assert schedule["iterations"] == max(1, round(budget / schedule["seconds_per_iteration"]))
+    assert scratch["iterations"] == schedule["iterations"] and scratch["budget_s"] == pytest.approx(budget)
+    assert scratch["train_compute_s"] > 0  # the scratch run's own compute, reported beside its budget
+    with pytest.raises(FileNotFoundError, match="--scratch-budget-s"):
+        jigsaw.finetune(_args(tmp_path / "other", *det), env, scratch=True)
+
+
 def test_amp_pretrain_and_finetune_steps_on_the_cpu(tmp_path, monkeypatch):
     dtypes = record_autocast(monkeypatch, jigsaw.engine)
     path = jigsaw.pretrain(_args(tmp_path, "--iters", "1", "--amp", "--resume", "auto"), _env())  # nothing to resume
@@ -215,21 +278,38 @@ def test_other_strategies_train(tmp_path, strategy):
     assert path.parent.name == f"pretrain_{strategy}" and torch.load(path, weights_only=True)["step"] == 2
 
 
-def test_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(jigsaw, "DEMO_DATA", dict(train=16, val=4, image_size=64))
-    tiny = dict(jigsaw.DEMO_SETTINGS, input_size=64, split=32, batch_size=4, iters=2, warmup_iters=1, erf_every=1,
-                erf_images=1, det_epochs=1, det_steps=[1], det_batch_size=4, det_warmup_iters=1, min_size=64, max_size=64)
-    monkeypatch.setattr(jigsaw, "DEMO_SETTINGS", tiny)
-    result = jigsaw.demo(jigsaw.get_args_parser().parse_args(["--demo", "--out", str(tmp_path)]), _env())
+def test_demo_writes_table5_and_table2_into_demo_json(tmp_path, monkeypatch, capsys):
+    tiny = dict(jigsaw.DEMO, train_scenes=16, val_scenes=4, input_size=64, split=32, pretrain_batch=2,
+                pretrain_steps=8, finetune_steps=8, calibrate_steps=(8, 9))
+    monkeypatch.setattr(jigsaw, "DEMO", tiny)
+    monkeypatch.setitem(jigsaw_demo_recipe()["detector"], "batch_size", 2)  # a fast test
+    out = tmp_path / "demo"
+    jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out),
+                                                     "--demo-strategies", "blockwise"]))
     printed = capsys.readouterr().out
-    assert "loaded" in printed  # the Jigsaw backbone went into the detector (load_weights' report)
-    assert "Table 2" in printed and "Table 5" in printed and "| ERF-adaptive Dense Cls. |" in printed
-    assert set(result["rows"]) == {"erf", "blockwise", "scratch"}
-    assert all(0 <= m["AP"] <= 1 for m in result["rows"].values())
-    assert (tmp_path / "erf_fig6.png").stat().st_size > 1000 and (tmp_path / "scratch" / "schedule.json").is_file()
-    assert all(0 <= v <= 1 for v in result["erf_outside_r1"].values())
-    bench = jigsaw.benchmark(_args(tmp_path, "--samples", str(tmp_path / "samples"), "--data", str(tmp_path / "coco"),
-                                   "--train-split", "train"), _env(), batches=2)
+    assert "loaded 100 tensors: backbone.body.*" in printed  # the Jigsaw backbone went into the detector
+    result = json.loads((out / "demo.json").read_text())
+    assert result["script"] == "jigsaw.py" and result["seed"] == 3
+    (c,) = result["claims"]
+    assert c["claim"] == "Jigsaw + fine-tune > scratch (GN) at equal compute" and c["metric"] == "AP50"
+    t5, t2 = result["tables"]["table5"], result["tables"]["table2"]
+    assert c["better"]["value"] == t5["jigsaw_erf"]["AP50"] and c["worse"]["value"] == t5["scratch_gn"]["AP50"]
+    assert t5["scratch_gn"]["budget_s"] == pytest.approx(t5["jigsaw_erf"]["pretrain_s"] + t5["jigsaw_erf"]["finetune_s"])
+    assert t5["scratch_gn"]["steps"] == max(8, round(t5["scratch_gn"]["budget_s"] / t5["scratch_gn"]["seconds_per_step"]))
+    assert set(t2) == {"ERF-adaptive Dense Cls.", "Block-wise Cls."}  # erf always, then --demo-strategies
+    assert all(0 <= row["AP50"] <= 1 for row in t2.values())
+    with pytest.raises(FileExistsError, match="another --out"):  # a demo never writes into an old folder
+        jigsaw.main(jigsaw.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(out)]))
+
+
+def jigsaw_demo_recipe():
+    from common.demo import DEMO_RECIPE
+
+    return DEMO_RECIPE
+
+
+def test_benchmark_reports_pipeline_and_model_rates(tmp_path):
+    bench = jigsaw.benchmark(_args(tmp_path), _env(), batches=2)
     assert bench["pipeline_images_per_s"] > 0 and bench["model_images_per_s"] > 0
 
 
@@ -247,6 +327,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         jigsaw.load_sample_table(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
         jigsaw.pretrain(_args(tmp_path, "--iters", "2", "--resume", str(tmp_path / "nope.pth")), _env())
+    with pytest.raises(ValueError, match="--scratch-budget-s must be 'auto' or a number"):
+        jigsaw.scratch_budget(_args(tmp_path, "--scratch-budget-s", "ten"))
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         jigsaw.finetune(_args(tmp_path, *DET, "--weights", str(tmp_path / "missing.pth")), _env())
 
