@@ -84,10 +84,13 @@ def demo_optimizer(params, kind: str = "detector"):
 
 def one_cycle(optimizer, total_steps: int, warmup_steps: int):
     """Linear warm-up from 4% of the LR over `warmup_steps`, then cosine to ~0 at `total_steps`
-    (torch's OneCycleLR with a linear rise)."""
+    (torch's OneCycleLR with a linear rise). OneCycleLR needs two steps in each phase: the warm-up
+    lasts at least 2 steps, and a run of under 4 steps keeps its LR constant."""
+    if total_steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, [g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-        pct_start=min(0.5, max(1, warmup_steps) / max(1, total_steps)), anneal_strategy="cos",
+        pct_start=min(0.5, max(2, warmup_steps) / total_steps), anneal_strategy="cos",
         cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
 
 

@@ -187,3 +187,22 @@ def test_run_seeds_writes_the_mean_std_table_into_the_results_file(tmp_path):
     run_seeds(str(script), [1], tmp_path / "runs", results_dir=results)  # replaces the block, keeps the rest
     text = (results / "fake.md").read_text()
     assert text.count(SEEDS_BEGIN) == 1 and "A 0.6000 ± 0.0000" in text and "kept text" in text
+
+
+@pytest.mark.parametrize("total,warmup", [(1, 1), (2, 0), (3, 1), (4, 1), (8, 2), (400, 100)])
+def test_one_cycle_runs_at_any_length(total, warmup):
+    """common.demo.one_cycle: OneCycleLR divided by zero when a phase had under 2 steps (3 steps,
+    warm-up 1); now every length runs, the LR stays positive and ends lower than it peaks."""
+    from common.demo import one_cycle
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = one_cycle(opt, total, warmup)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(lr > 0 for lr in lrs) and max(lrs) == pytest.approx(1.0, rel=1e-6)
+    if total >= 4:
+        assert lrs[-1] < 0.5 * max(lrs) and lrs[0] < max(lrs)
