@@ -482,7 +482,8 @@ def test_every_script_builds_its_training_set_with_train_true(case, tmp_path, mo
         monkeypatch.setattr(module, "build_detection_dataset", build)
     with pytest.raises(_Built):
         run(module, args, tmp_path)
-    assert calls[-1] == (train_split, True, case == "jigsaw_finetune")  # --arch mask_rcnn: COCO's masks
+    # Mask R-CNN reads COCO's masks: jigsaw --arch mask_rcnn, soco's default --det-arch mask_rcnn_fpn (Tables 1-2)
+    assert calls[-1] == (train_split, True, case in ("jigsaw_finetune", "soco"))
 
 
 class _PidAndDraw(torch.utils.data.Dataset):
