@@ -91,7 +91,7 @@ from torchvision.ops import batched_nms, box_iou
 from common.data import (build_classification_dataset, build_detection_dataset, build_loader,
                          classification_transforms, detection_transforms, kshot_subset, load_split, save_split,
                          subset_by_ids)
-from common.detectors import build_classifier, build_detector
+from common.detectors import build_classifier, build_detector, is_torchvision, load_weights, read_state_dict
 from common.distributed import (cleanup, init_distributed, is_main, reduce_dict, seed_everything, unwrap,
                                 wrap_ddp)
 from common.engine import (JsonlLogger, autocast, build_scheduler, load_checkpoint, resolve_resume,
@@ -531,12 +531,13 @@ def train_classifier(args, env) -> Path:
     out = Path(args.out)
     final = out / "classifier.pth"
     if args.from_torchvision or args.weights:
-        model = build_classifier(args.backbone, 1000, pretrained="torchvision" if args.from_torchvision else args.weights)
+        model = load_cam_classifier(args.backbone, "torchvision" if args.from_torchvision else args.weights)
         classes = [str(c) for c in range(model.fc.out_features)]
         if args.data != "synthetic" and Path(args.data, "train").is_dir():
             classes = build_classification_dataset(args.data, "train").classes
             if len(classes) != model.fc.out_features:
-                raise ValueError(f"{args.data} has {len(classes)} classes, the weights {model.fc.out_features}")
+                raise ValueError(f"{args.data} has {len(classes)} classes, the weights' classifier (fc) "
+                                 f"{model.fc.out_features}: Step 2's CAMs need the fc of the data's own classes")
         save_checkpoint(final, {"model": model.state_dict(), "args": vars(args), "classes": list(classes)})
         return final
 
@@ -571,6 +572,26 @@ def train_classifier(args, env) -> Path:
         if is_main():
             print(f"classifier top-1 on {args.data} val: {100 * acc:.1f}%")
     return final
+
+
+def load_cam_classifier(backbone: str, weights) -> torch.nn.Module:
+    """A classifier from given weights *with its fc*: Step 2's CAM is the fc row of the labelled
+    class, so the fc must be the trained one (`load_weights` alone skips it as class-specific).
+    `weights`: "torchvision[:NAME]", "timm:<name>" or a path; the class count is the fc's."""
+    if is_torchvision(weights):
+        return build_classifier(backbone, 1000, pretrained=weights)
+    sd = read_state_dict(weights)
+    if "fc.weight" not in sd:
+        raise ValueError(f"--weights {weights}: no classifier layer fc.weight among its {len(sd)} tensors (a "
+                         f"backbone or detector checkpoint?). Step 2's CAMs need a classifier's fc; give the "
+                         f"weights of a whole classifier")
+    model = build_classifier(backbone, sd["fc.weight"].shape[0])
+    report = load_weights(model, sd, skip_class_specific=False)
+    if report.skipped or report.missing:
+        raise ValueError(f"--weights {weights} does not fit a {backbone} classifier: "
+                         f"{', '.join(k for k, _ in report.skipped) or ', '.join(report.missing[:5])} not loaded "
+                         f"(another --backbone?)")
+    return model
 
 
 @torch.no_grad()

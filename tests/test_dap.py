@@ -384,3 +384,26 @@ def test_bad_inputs_give_clear_errors(pipeline, tmp_path):
                                         *DATA), env)
     with pytest.raises(ValueError, match="2-D"):
         dap.cam_to_boxes(torch.zeros(2, 3, 3))
+
+
+# --- Full-scale defects (issue 13) -----------------------------------------------------------------
+def test_classify_weights_keeps_the_trained_fc_and_refuses_another_class_set(tmp_path):
+    torch.manual_seed(0)
+    source = build_classifier("resnet18", 3).state_dict()
+    torch.save(source, tmp_path / "w.pth")
+    env = init_distributed("cpu")
+    ck = torch.load(dap.train_classifier(parse("classify", "--out", tmp_path / "cls", "--backbone", "resnet18",
+                                               "--weights", tmp_path / "w.pth"), env), weights_only=True)
+    assert torch.equal(ck["model"]["fc.weight"], source["fc.weight"])  # the CAMs' fc, not a random one
+    assert torch.equal(ck["model"]["fc.bias"], source["fc.bias"])
+    for c in ("a", "b"):  # an ImageFolder of 2 classes: the 3-class fc cannot make its CAMs
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        from PIL import Image
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / c / "x.png")
+    with pytest.raises(ValueError, match="2 classes.*fc"):
+        dap.train_classifier(parse("classify", "--out", tmp_path / "c2", "--backbone", "resnet18", "--weights",
+                                   tmp_path / "w.pth", "--data", tmp_path / "data"), env)
+    torch.save({k: v for k, v in source.items() if not k.startswith("fc.")}, tmp_path / "backbone.pth")
+    with pytest.raises(ValueError, match="no classifier layer fc.weight"):
+        dap.train_classifier(parse("classify", "--out", tmp_path / "c3", "--backbone", "resnet18", "--weights",
+                                   tmp_path / "backbone.pth"), env)
