@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 
 import dap
 from common.data import build_classification_dataset
+from common.demo import check_demo_result
 from common.synthetic import SyntheticDetection
 from common.detectors import build_classifier
 from common.distributed import init_distributed, seed_everything
@@ -338,21 +339,24 @@ def test_torchrun_two_processes_pretrain_and_pseudo_boxes(pipeline, tmp_path):
 
 
 # --- The demo, the CLI defaults, bad input --------------------------------------------------------
-def test_demo_runs_every_step_and_prints_the_table(tmp_path, monkeypatch, capsys):
-    tiny = {
-        "common": ["--device", "cpu", "--workers", "0", "--seed", "0"],
-        "objects": ["--image-size", "64", "--synthetic-images", "16"],
-        "classify": ["--backbone", "resnet18", "--epochs", "1", "--batch-size", "8", "--crop-size", "64"],
-        "pseudo-boxes": ["--scales", "64", "128", "--batch-size", "8"],
-        "pretrain": [*DET, "--epochs", "0.5"],
-        "finetune": [*DET, "--batch-size", "2", "--kshot", "1", "--iters", "2", "--test-images", "4", "--train-split", "train",
-                     "--test-split", "test", "--image-size", "64", "--synthetic-images", "16"],
-    }
+def test_demo_writes_the_claims_and_the_pseudo_box_quality(tmp_path, monkeypatch):
+    tiny = dict(dap.DEMO, object_images=16, object_test=8, scenes=80, test_scenes=4, classifier_steps=8,
+                cam_scales=[64, 128], pretrain_steps=8, finetune_steps=8, batch_size=2, cache=str(tmp_path / "cache"))
     monkeypatch.setattr(dap, "DEMO", tiny)
-    result = dap.demo(tmp_path)
-    printed = capsys.readouterr().out
-    assert "| CLS |" in printed and "| DAP |" in printed and "| DAP - CLS |" in printed and "CorLoc" in printed
-    assert set(result) == {"quality", "CLS", "DAP"}
+    args = parse("--demo", "--seed", 1, "--out", tmp_path / "demo")
+    dap.demo(args)
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    check_demo_result(result)
+    assert result["script"] == "dap.py" and result["seed"] == 1
+    assert [(c["claim"], c["metric"], c["better"]["name"], c["worse"]["name"]) for c in result["claims"]] == [
+        ("DAP > CLS at 5-shot", "AP50", "DAP", "CLS"), ("DAP > CLS at 5-shot", "AP", "DAP", "CLS")]
+    t = result["tables"]
+    assert 0 <= t["classifier"]["top1"] <= 1 and set(t["pseudo_boxes"]) == {"corloc", "recall", "boxes_per_image"}
+    assert t["finetune"]["kshot_images"] == 40  # 5 images per class, 8 classes
+    assert t["finetune"]["DAP"]["AP50"] == result["claims"][0]["better"]["value"]
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        dap.demo(args)  # an existing demo folder is not overwritten
+    dap.demo(parse("--demo", "--seed", 1, "--out", tmp_path / "demo", "--resume", "auto"))  # finished steps reused
 
 
 def test_cli_defaults_are_the_papers():
@@ -368,7 +372,7 @@ def test_cli_defaults_are_the_papers():
     assert (a.iters, a.lr, a.scales, a.max_size, a.milestones) == (90000, 0.01, [800], 1333, [60 / 90, 80 / 90])
     a = parse("classify", "--out", "x")
     assert (a.epochs, a.batch_size, a.lr * a.batch_size / 256) == (50, 8192, 3.2)
-    assert parse("--demo").demo
+    assert parse("--demo").demo and parse("--demo").out == "runs/dap_demo"
 
 
 def test_bad_inputs_give_clear_errors(pipeline, tmp_path):
