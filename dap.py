@@ -777,10 +777,19 @@ def finetune_detector(args, env) -> dict:
             if is_main():
                 save_split(split_file, {"train": ids})
         train_set = subset_by_ids(train_set, ids)
-    # the new detector takes every DAP weight except the class-specific last layers, or the
-    # classifier's backbone (CLS); frozen BN and frozen stem + first block (Sec. 4.1)
-    model = make_detector(args, len(train_set.classes), args.init).to(env.device)
-    if not args.eval_only:
+    if args.eval_only:  # a fine-tuned detector is evaluated as it is, its box predictor included
+        model = make_detector(args, len(train_set.classes), None)
+        report = load_weights(model, args.init, skip_class_specific=False, verbose=False)
+        if report.missing or report.skipped:
+            raise ValueError(f"--eval-only --init {args.init}: not a fine-tuned detector of this --arch / --backbone / "
+                             f"class set ({len(report.missing)} tensors missing, e.g. {report.missing[:3]}; "
+                             f"{len(report.skipped)} of another shape, e.g. {[k for k, _ in report.skipped[:3]]}). "
+                             f"Evaluate the checkpoint.pth a finetune run wrote")
+        model = model.to(env.device)
+    else:
+        # the new detector takes every DAP weight except the class-specific last layers, or the
+        # classifier's backbone (CLS); frozen BN and frozen stem + first block (Sec. 4.1)
+        model = make_detector(args, len(train_set.classes), args.init).to(env.device)
         model = unwrap(_detector_loop(args, env, model, train_set, out, args.milestones, iters=args.iters))
     loader = build_loader(test_set, 1 if env.device.type == "cpu" else 4, train=False, workers=args.workers)
     metrics = evaluate_detector(model, loader, env.device, metric="coco" if args.protocol == "coco" else "voc07")

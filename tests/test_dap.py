@@ -411,3 +411,21 @@ def test_classify_weights_keeps_the_trained_fc_and_refuses_another_class_set(tmp
     with pytest.raises(ValueError, match="no classifier layer fc.weight"):
         dap.train_classifier(parse("classify", "--out", tmp_path / "c3", "--backbone", "resnet18", "--weights",
                                    tmp_path / "backbone.pth"), env)
+
+
+def test_finetune_eval_only_evaluates_the_fine_tuned_box_predictor(pipeline, tmp_path, monkeypatch):
+    argv = ["finetune", "--kshot", 1, "--iters", 2, "--train-split", "train", "--test-split", "test",
+            "--test-images", 2, *DET, *DATA]
+    dap.finetune_detector(parse(*argv, "--out", tmp_path / "ft", "--init", pipeline["det"]), pipeline["env"])
+    trained = torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)["model"]
+    seen = {}
+    real = dap.evaluate_detector
+    monkeypatch.setattr(dap, "evaluate_detector", lambda model, *a, **kw: seen.setdefault("sd", model.state_dict())
+                        and real(model, *a, **kw))
+    dap.finetune_detector(parse(*argv, "--out", tmp_path / "ev", "--init", tmp_path / "ft" / "checkpoint.pth",
+                                "--eval-only"), pipeline["env"])
+    for k, v in trained.items():  # every tensor evaluated is the fine-tuned one, the box predictor too
+        assert torch.equal(seen["sd"][k], v), k
+    with pytest.raises(ValueError, match="not a fine-tuned detector"):  # a classifier has no heads to evaluate
+        dap.finetune_detector(parse(*argv, "--out", tmp_path / "ev2", "--init", pipeline["cls"], "--eval-only"),
+                              pipeline["env"])
