@@ -802,7 +802,8 @@ def finetune_detector(args, env) -> dict:
 # Demo: the four steps on the synthetic benchmark at the shared CPU recipe, CLS vs DAP at 5-shot
 # ============================================================================================
 DEMO = {  # `--demo` at the recipe of common.demo (ResNet-18, 64-px images); tests shrink it
-    "object_images": 800,     # Steps 1-3: the "ImageNet" (object-centric, one labelled class each)
+    "object_images": 800,     # Step 1: the "ImageNet" (object-centric, one labelled class each)
+    "pseudo_box_images": 500,  # Steps 2-3: its first 500 images (Step 3 sees each about 5 times)
     "object_test": 400,       # held-out object images: the classifier's top-1
     "scenes": 400,            # Step 4 draws its 5-shot subset (5 images per class, 40) from these
     "test_scenes": 300,       # held-out scenes: AP / AP50 of both fine-tunings
@@ -864,7 +865,7 @@ def demo(args) -> dict:
 
     # Step 2: pseudo boxes of every training image, by the CLI's own code path
     boxes = generate_pseudo_boxes(get_args_parser().parse_args([
-        "pseudo-boxes", "--data", "synthetic", "--synthetic-images", str(d["object_images"]),
+        "pseudo-boxes", "--data", "synthetic", "--synthetic-images", str(d["pseudo_box_images"]),
         "--image-size", str(size), "--seed", str(seed), "--device", "cpu", "--workers", "0",
         "--classifier", str(cls_path), "--scales", *map(str, d["cam_scales"]), "--out", str(out / "pseudo_boxes")]), env)
     tables["pseudo_boxes"] = json.loads((boxes / "quality.json").read_text())

@@ -340,8 +340,8 @@ def test_torchrun_two_processes_pretrain_and_pseudo_boxes(pipeline, tmp_path):
 
 # --- The demo, the CLI defaults, bad input --------------------------------------------------------
 def test_demo_writes_the_claims_and_the_pseudo_box_quality(tmp_path, monkeypatch):
-    tiny = dict(dap.DEMO, object_images=16, object_test=8, scenes=80, test_scenes=4, classifier_steps=8,
-                cam_scales=[64, 128], pretrain_steps=8, finetune_steps=8, batch_size=2, cache=str(tmp_path / "cache"))
+    tiny = dict(dap.DEMO, object_images=16, pseudo_box_images=12, object_test=8, scenes=80, test_scenes=4,
+                classifier_steps=8, cam_scales=[64, 128], pretrain_steps=8, finetune_steps=8, batch_size=2, cache=str(tmp_path / "cache"))
     monkeypatch.setattr(dap, "DEMO", tiny)
     args = parse("--demo", "--seed", 1, "--out", tmp_path / "demo")
     dap.demo(args)
