@@ -136,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", default="", choices=("", "auto"), help="auto: reuse the finished steps in --out")
     sub = p.add_subparsers(dest="command")
 
-    def system(s, out):
+    def system(s, out, trains=True):
         g = s.add_argument_group("system")
         g.add_argument("--data", default="synthetic",
                        help="'synthetic', an ImageFolder root ({root}/train/<class>/), a COCO or VOC root")
@@ -151,6 +151,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="max gradient norm of the detector steps (0: off, as in the paper)")
         g.add_argument("--resume", default="", help="checkpoint to continue from (must exist); 'auto': "
                                                     "--out/checkpoint.pth when there is one, else a fresh run")
+        if trains:
+            g.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+                           help="also write --out/checkpoint.pth every N iterations (0: at epoch ends only); "
+                                "Step 3 is one 40k-iteration epoch")
         return g
 
     # Step 1 ----------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--nms-iou", type=float, default=0.8, help="Sec. 4.1")
     h.add_argument("--box-variant", default="paper", choices=("paper", "released"),
                    help="Eq. (2-6) as written, or the released code's variant (DEVIATION)")
-    g = system(s, "runs/dap/pseudo_boxes")
+    g = system(s, "runs/dap/pseudo_boxes", trains=False)
     g.add_argument("--classifier", default="runs/dap/cls/classifier.pth", help="Step 1 checkpoint")
     g.add_argument("--split", default="train")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward, per rank")
@@ -567,7 +571,7 @@ def train_classifier(args, env) -> Path:
                                 schedule="cosine")
     train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=args.epochs, out_dir=out, args=args,
                    loss_fn=classification_loss, amp=args.amp, desc="classify",
-                   resume=resolve_resume(args.resume, out))
+                   resume=resolve_resume(args.resume, out), checkpoint_every=args.checkpoint_every)
     save_checkpoint(final, {"model": model.state_dict(), "args": vars(args), "classes": list(train_set.classes)})
     if args.data == "synthetic" or Path(args.data, "val").is_dir():
         val = build_classification_dataset(args.data, "val", classification_transforms(False, args.crop_size),
@@ -731,7 +735,8 @@ def _detector_loop(args, env, model, train_set, out, milestones_frac, iters=0):
                                 schedule="step", milestones=[int(f * steps) for f in milestones_frac])
     return train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, max_steps=steps,
                           out_dir=out, args=args, amp=args.amp, clip_grad=args.clip_grad,
-                          resume=resolve_resume(args.resume, out), desc=args.command)
+                          resume=resolve_resume(args.resume, out), checkpoint_every=args.checkpoint_every,
+                          desc=args.command)
 
 
 def make_detector(args, num_classes: int, pretrained, trainable_layers: int = 3):

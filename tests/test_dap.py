@@ -429,3 +429,21 @@ def test_finetune_eval_only_evaluates_the_fine_tuned_box_predictor(pipeline, tmp
     with pytest.raises(ValueError, match="not a fine-tuned detector"):  # a classifier has no heads to evaluate
         dap.finetune_detector(parse(*argv, "--out", tmp_path / "ev2", "--init", pipeline["cls"], "--eval-only"),
                               pipeline["env"])
+
+
+def test_pretrain_checkpoints_inside_its_one_epoch(pipeline, tmp_path, monkeypatch):
+    assert parse("pretrain", "--out", "x").checkpoint_every == 1000  # on by default: Step 3 is one long epoch
+    real = dap.train_detector
+
+    def killed_at_step_4(*a, **kw):
+        def stop(step):
+            if step == 4:
+                raise KeyboardInterrupt
+        return real(*a, **dict(kw, on_step_end=stop))
+
+    monkeypatch.setattr(dap, "train_detector", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):  # 24 images at batch 4: one epoch is 6 steps
+        dap.pretrain_detector(parse("pretrain", "--out", tmp_path, "--pseudo-boxes", pipeline["boxes"], "--classifier",
+                                    pipeline["cls"], "--epochs", 1, "--checkpoint-every", 3, *DET, *DATA),
+                              pipeline["env"])
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 3  # --resume auto goes on from it
