@@ -29,12 +29,17 @@ CHOICE (the paper is silent):
 - Classifier training (Step 1, when not loading torchvision/timm weights): the paper's IN-14M
   recipe (50 epochs, batch 8192, LR 3.2 = 0.1 x batch / 256, cosine) with 5 warm-up epochs
   (Goyal et al.; the paper does not mention warm-up), SGD momentum 0.9, weight decay 1e-4.
-- Detector pre-training: LR 0.008 at batch 64 (released config), scaled linearly to the batch
-  (0.004 at the paper's 32); it decays x0.1 at 2/3 and 8/9 of the iterations (maskrcnn-benchmark's
-  1x ratios); max image side 1333 (maskrcnn-benchmark's default); stem and res2 frozen, frozen BN
-  (maskrcnn-benchmark's defaults, as in fine-tuning).
+- Detector pre-training (Faster R-CNN): LR 0.008 at batch 64 (released config), scaled linearly to
+  the batch (0.004 at the paper's 32); it decays x0.1 at 2/3 and 8/9 of the iterations
+  (maskrcnn-benchmark's 1x ratios); max image side 1333 (maskrcnn-benchmark's default); stem and
+  res2 frozen, frozen BN (maskrcnn-benchmark's defaults, as in fine-tuning); warm-up 2000
+  iterations from 0.01 of the LR (released config). RetinaNet (Tab. 6-7): the paper's 80,072
+  iterations at batch 32, LR 0.005 (Sec. 4.4), the same decay points and warm-up (the paper names
+  none). `PRETRAIN` holds both; `--checkpoint-every` (1000) checkpoints inside the one epoch.
+- Fine-tuning: the paper's schedules (`PROTOCOLS`); RetinaNet on COCO at LR 0.01 at batch 16 (the
+  1x RetinaNet configs of maskrcnn-benchmark and Detectron2; the paper gives none, Faster R-CNN's
+  is 0.02). Warm-up: maskrcnn-benchmark's defaults (500 iterations from 1/3 of the LR).
 - CAM inputs are resized with bilinear, antialiased interpolation.
-- Fine-tuning warm-up: 100 iterations (the paper names none).
 - CorLoc: an image counts when one of its pseudo boxes has IoU >= 0.5 with a true box of the
   labelled class; recall: the fraction of true boxes of that class hit at IoU >= 0.5.
 - Evaluation: the VOC protocols test on VOC2007 test and report the paper's AP_5 (`voc_mAP50`, area)
@@ -114,14 +119,35 @@ PROTOCOLS = {  # Step 4 schedules, Sec. 4.1 (batch 16; LR x0.1 at the milestones
                  milestones=[60 / 90, 80 / 90], scales=[800], max_size=1333, test_size=800),
 }
 PROTOCOLS["voc0712"] = PROTOCOLS["voc07"]  # --data VOCdevkit/VOC2007,VOCdevkit/VOC2012; tested on 07 test
+# RetinaNet fine-tuning on COCO: LR 0.01 at batch 16 (the 1x RetinaNet schedule of maskrcnn-benchmark's
+# retinanet_R-50-FPN_1x and Detectron2's retinanet_R_50_FPN_1x); Faster R-CNN's 0.02 is for two-stage heads
+PROTOCOL_ARCH = {("coco", "retinanet"): dict(lr=0.01)}
+
+PRETRAIN = {  # Step 3 schedules per architecture (global batch 32, Sec. 4.1)
+    # released config: LR 0.008 at batch 64, one epoch of IN-1k (about 40k iterations at batch 32)
+    "faster_rcnn_fpn": dict(lr=0.008, lr_batch=64, epochs=1, iters=0),
+    # Sec. 4.4: "80,072 steps with batch size 32 and learning rate 0.005"
+    "retinanet": dict(lr=0.005, lr_batch=32, epochs=0, iters=80072),
+}
 
 
-def apply_protocol(args):
-    """Fill every fine-tuning setting left unset (None) with the --protocol's value."""
-    for key, value in PROTOCOLS[args.protocol].items():
+def _fill(args, values: dict):
+    if args.epochs is not None and args.iters is None:
+        args.iters = 0  # --epochs alone: train for epochs
+    for key, value in values.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def apply_protocol(args):
+    """Fill every fine-tuning setting left unset (None) with the --protocol's value (for --arch)."""
+    return _fill(args, {**PROTOCOLS[args.protocol], **PROTOCOL_ARCH.get((args.protocol, args.arch), {})})
+
+
+def apply_pretrain_schedule(args):
+    """Fill every Step 3 setting left unset (None) with --arch's schedule (PRETRAIN)."""
+    return _fill(args, PRETRAIN[args.arch])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -192,8 +218,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Step 3 ----------------------------------------------------------------------------------
     s = sub.add_parser("pretrain", help="Step 3: detector pre-training on the pseudo boxes")
-    _detector_args(s, lr=0.008, lr_batch=64, batch=32, epochs=1, warmup=2000, scales=[96, 160, 320, 640],
-                   max_size=1333, test_size=640, cite="IMPLEMENTATION_NOTES (released config), Sec. 4.1")
+    _detector_args(s, batch=32, warmup=2000, warmup_factor=0.01, scales=[96, 160, 320, 640], max_size=1333,
+                   test_size=640, cite="IMPLEMENTATION_NOTES (released config), Sec. 4.1, 4.4",
+                   schedule="faster_rcnn_fpn: 0.008 at batch 64, 1 epoch (released config); retinanet: 0.005 at "
+                            "batch 32, 80,072 iterations (Sec. 4.4)")
     g = system(s, "runs/dap/det")
     g.add_argument("--pseudo-boxes", default="runs/dap/pseudo_boxes", help="Step 2 output folder (the pseudo-box table)")
     g.add_argument("--classifier", default="runs/dap/cls/classifier.pth", help="Step 1 checkpoint (backbone init)")
@@ -202,16 +230,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Step 4 ----------------------------------------------------------------------------------
     s = sub.add_parser("finetune", help="Step 4: downstream fine-tuning from DAP or CLS weights")
-    _detector_args(s, lr=None, lr_batch=None, batch=16, epochs=None, warmup=100, scales=None, max_size=None,
-                   test_size=None, cite="Sec. 4.1; None = the --protocol's value")
+    _detector_args(s, batch=16, warmup=500, warmup_factor=1 / 3, scales=None, max_size=None, test_size=None,
+                   cite="Sec. 4.1", schedule="the --protocol's: voc 0.01 at batch 16, 14 epochs; coco 0.02 at "
+                                             "batch 16 (retinanet 0.01), 90k iterations")
     h = s.add_argument_group("protocol")
     h.add_argument("--protocol", default="voc07", choices=tuple(PROTOCOLS),
-                   help="voc: 14 epochs, LR 0.01, x0.1 at 10, short side 640; coco: 90k it., LR 0.02, "
-                        "x0.1 at 60k and 80k, short side 800 (Sec. 4.1)")
-    h.add_argument("--kshot", type=int, default=0, help="images per class (5/10/20/50/100, Fig. 3-4); 0 = all")
-    h.add_argument("--iters", type=int, default=None, help="iterations instead of epochs (k-shot: tuned early stop)")
+                   help="voc: 14 epochs, LR 0.01, x0.1 at 10, short side 640 (max 1066); coco: 90k it., LR 0.02 "
+                        "(RetinaNet 0.01), x0.1 at 60k and 80k, short side 800 (Sec. 4.1). voc0712: --data "
+                        "VOC2007,VOC2012 roots (07+12 trainval, the k-shot pool of Fig. 4)")
+    h.add_argument("--kshot", type=int, default=0,
+                   help="k images per class, k x C in all (kshot_subset; 5/10/20/50/100, Fig. 3-4); 0 = all")
     h.add_argument("--milestones", type=float, nargs="*", default=None,
-                   help="LR x0.1 points as fractions of training (default: the protocol's)")
+                   help="LR x0.1 points as fractions of training (default: the protocol's, voc 10/14, coco 60/90 "
+                        "and 80/90)")
     g = system(s, "runs/dap/finetune")
     g.add_argument("--init", required=True, help="DAP detector (Step 3) or classifier (Step 1, the CLS baseline)")
     g.add_argument("--train-split", default=None, help="default: the protocol's")
@@ -221,20 +252,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _detector_args(s, *, lr, lr_batch, batch, epochs, warmup, scales, max_size, test_size, cite):
+def _detector_args(s, *, batch, warmup, warmup_factor, scales, max_size, test_size, cite, schedule):
     h = s.add_argument_group(f"paper ({cite})")
     h.add_argument("--arch", default="faster_rcnn_fpn", choices=("faster_rcnn_fpn", "retinanet"),
                    help="Faster R-CNN FPN; RetinaNet in Tab. 6-7")
     h.add_argument("--backbone", default="resnet50", help="ResNet-50 (101 in Tab. 4-5)")
     h.add_argument("--batch-size", type=int, default=batch, help="global batch")
-    h.add_argument("--lr", type=float, default=lr, help=f"LR at a global batch of --lr-batch ({lr} at {lr_batch})")
-    h.add_argument("--lr-batch", type=int, default=lr_batch, help="batch at which --lr is given (linear scaling)")
-    h.add_argument("--epochs", type=float, default=epochs, help="passes over the data")
-    h.add_argument("--warmup-iters", type=int, default=warmup)
+    h.add_argument("--lr", type=float, default=None, help=f"LR at a global batch of --lr-batch (default: {schedule})")
+    h.add_argument("--lr-batch", type=int, default=None, help="batch at which --lr is given (linear scaling)")
+    h.add_argument("--epochs", type=float, default=None, help="passes over the data (default: as --lr)")
+    h.add_argument("--iters", type=int, default=None, help="iterations instead of epochs (default: as --lr; "
+                                                            "k-shot: the tuned early stop)")
+    h.add_argument("--warmup-iters", type=int, default=warmup, help=f"linear warm-up (default {warmup})")
+    h.add_argument("--warmup-factor", type=float, default=warmup_factor,
+                   help=f"LR factor at the warm-up's start (default {warmup_factor:.3g})")
     h.add_argument("--weight-decay", type=float, default=1e-4, help="1e-4 (IN-1M), Sec. 4.1")
-    h.add_argument("--scales", type=int, nargs="+", default=scales, help="training short sides")
-    h.add_argument("--max-size", type=int, default=max_size)
-    h.add_argument("--test-size", type=int, default=test_size)
+    protocol = "the protocol's: voc {}, coco {}"
+    h.add_argument("--scales", type=int, nargs="+", default=scales,
+                   help=f"training short sides (default {scales or protocol.format(640, 800)})")
+    h.add_argument("--max-size", type=int, default=max_size,
+                   help=f"longest side (default {max_size or protocol.format(1066, 1333)})")
+    h.add_argument("--test-size", type=int, default=test_size,
+                   help=f"test short side (default {test_size or protocol.format(640, 800)})")
     h.add_argument("--anchor-sizes", type=int, nargs="*", default=None, help="default: torchvision's 32..512")
     h.add_argument("--proposals", type=int, nargs=2, default=[2000, 1000], metavar=("TRAIN", "TEST"),
                    help="RPN proposals per image kept after NMS (maskrcnn-benchmark / torchvision defaults)")
@@ -732,7 +771,8 @@ def _detector_loop(args, env, model, train_set, out, milestones_frac, iters=0):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, steps, warmup_steps=min(args.warmup_iters, steps // 2),
-                                schedule="step", milestones=[int(f * steps) for f in milestones_frac])
+                                warmup_factor=args.warmup_factor, schedule="step",
+                                milestones=[int(f * steps) for f in milestones_frac])
     return train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=epochs, max_steps=steps,
                           out_dir=out, args=args, amp=args.amp, clip_grad=args.clip_grad,
                           resume=resolve_resume(args.resume, out), checkpoint_every=args.checkpoint_every,
@@ -753,14 +793,14 @@ def make_detector(args, num_classes: int, pretrained, trainable_layers: int = 3)
 
 def pretrain_detector(args, env) -> Path:
     seed_everything(args.seed)  # same initial weights on every rank
-    out = Path(args.out)
+    args, out = apply_pretrain_schedule(args), Path(args.out)
     images = build_classification_dataset(args.data, args.split, num_images=args.synthetic_images,
                                           image_size=args.image_size, seed=args.seed)
     train_set = PseudoBoxDataset(args.pseudo_boxes, images, detection_transforms(True, args.scales, args.max_size))
     # backbone from Step 1; FPN, RPN and heads random (Sec. 3.1). Stem + res2 frozen as in
     # maskrcnn-benchmark; --freeze-backbone freezes the whole ResNet (Tab. 3).
     model = make_detector(args, len(train_set.classes), args.classifier, 0 if args.freeze_backbone else 3)
-    _detector_loop(args, env, model.to(env.device), train_set, out, milestones_frac=(2 / 3, 8 / 9))
+    _detector_loop(args, env, model.to(env.device), train_set, out, milestones_frac=(2 / 3, 8 / 9), iters=args.iters)
     return out / "checkpoint.pth"
 
 

@@ -362,9 +362,10 @@ def test_demo_writes_the_claims_and_the_pseudo_box_quality(tmp_path, monkeypatch
 def test_cli_defaults_are_the_papers():
     a = parse("pseudo-boxes", "--out", "x", "--classifier", "c")
     assert (a.scales, a.thresholds, a.nms_iou, a.box_variant) == ([288, 576], [0.2, 0.3, 0.4, 0.5], 0.8, "paper")
-    a = parse("pretrain", "--out", "x", "--pseudo-boxes", "b", "--classifier", "c")
+    a = dap.apply_pretrain_schedule(parse("pretrain", "--out", "x", "--pseudo-boxes", "b", "--classifier", "c"))
     assert (a.arch, a.backbone, a.scales, a.batch_size, a.epochs) == ("faster_rcnn_fpn", "resnet50", [96, 160, 320, 640], 32, 1)
     assert (a.lr, a.lr_batch, a.warmup_iters, a.weight_decay, a.freeze_backbone) == (0.008, 64, 2000, 1e-4, False)
+    assert a.iters == 0 and a.warmup_factor == 0.01  # the released config's warm-up factor
     a = dap.apply_protocol(parse("finetune", "--out", "x", "--init", "c"))
     assert (a.protocol, a.lr, a.lr_batch, a.batch_size, a.epochs, a.scales, a.test_size) == ("voc07", 0.01, 16, 16, 14, [640], 640)
     assert a.milestones == [10 / 14] and a.weight_decay == 1e-4 and a.train_split == "trainval"
@@ -447,3 +448,17 @@ def test_pretrain_checkpoints_inside_its_one_epoch(pipeline, tmp_path, monkeypat
                                     pipeline["cls"], "--epochs", 1, "--checkpoint-every", 3, *DET, *DATA),
                               pipeline["env"])
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 3  # --resume auto goes on from it
+
+
+def test_retinanet_schedules_are_the_papers_and_warm_up_is_maskrcnn_benchmarks():
+    a = dap.apply_pretrain_schedule(parse("pretrain", "--arch", "retinanet"))  # Sec. 4.4
+    assert (a.iters, a.batch_size, a.lr * a.batch_size / a.lr_batch) == (80072, 32, 0.005)
+    a = dap.apply_pretrain_schedule(parse("pretrain", "--arch", "retinanet", "--epochs", "2"))
+    assert (a.iters, a.epochs) == (0, 2)  # --epochs alone means epochs
+    a = dap.apply_protocol(parse("finetune", "--init", "c", "--protocol", "coco", "--arch", "retinanet"))
+    assert (a.lr, a.lr_batch, a.iters) == (0.01, 16, 90000)  # RetinaNet 1x, not Faster R-CNN's 0.02
+    assert dap.apply_protocol(parse("finetune", "--init", "c", "--protocol", "coco")).lr == 0.02
+    a = parse("finetune", "--init", "c")
+    assert (a.warmup_iters, a.warmup_factor) == (500, 1 / 3)  # maskrcnn-benchmark's WARMUP_ITERS / WARMUP_FACTOR
+    helps = " ".join(dap.get_args_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
+    assert "voc 0.01 at batch 16" in helps and "voc 640, coco 800" in helps  # None defaults say the paper's values
