@@ -28,7 +28,13 @@ CHOICE (the paper is silent):
 - NMS scores: box area (larger box kept), the released code's rule; the paper names no score.
 - Classifier training (Step 1, when not loading torchvision/timm weights): the paper's IN-14M
   recipe (50 epochs, batch 8192, LR 3.2 = 0.1 x batch / 256, cosine) with 5 warm-up epochs
-  (Goyal et al.; the paper does not mention warm-up), SGD momentum 0.9, weight decay 1e-4.
+  (Goyal et al.; the paper does not mention warm-up), SGD momentum 0.9, weight decay 1e-4 on the
+  weights only, none on BN parameters and biases (the usual large-batch practice; the paper is
+  silent).
+- k-shot fine-tuning (Fig. 3-4): `common.data.kshot_subset`, k images per class, k x C in all
+  (5-shot: 400 COCO images, 100 VOC images), every class in at least k of them, drawn with --seed;
+  on VOC from the combined 07+12 trainval (`--protocol voc0712`), as Fig. 4 says; COCO from
+  train2017. The iteration count is `--iters` (the paper tunes an early stop and gives none).
 - Detector pre-training (Faster R-CNN): LR 0.008 at batch 64 (released config), scaled linearly to
   the batch (0.004 at the paper's 32); it decays x0.1 at 2/3 and 8/9 of the iterations
   (maskrcnn-benchmark's 1x ratios); max image side 1333 (maskrcnn-benchmark's default); stem and
@@ -807,6 +813,9 @@ def pretrain_detector(args, env) -> Path:
 def finetune_detector(args, env) -> dict:
     seed_everything(args.seed)
     args, out = apply_protocol(args), Path(args.out)
+    if args.kshot and args.protocol.startswith("voc") and args.data != "synthetic" and "," not in args.data:
+        raise ValueError(f"--kshot {args.kshot} on VOC draws from VOC 07+12 trainval (Fig. 4): give --protocol "
+                         f"voc0712 --data VOCdevkit/VOC2007,VOCdevkit/VOC2012, not --data {args.data} alone")
     train_set = build_detection_dataset(args.data, args.train_split, detection_transforms(True, args.scales, args.max_size),
                                         num_images=args.synthetic_images, image_size=args.image_size, seed=args.seed,
                                         train=True)

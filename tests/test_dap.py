@@ -462,3 +462,9 @@ def test_retinanet_schedules_are_the_papers_and_warm_up_is_maskrcnn_benchmarks()
     assert (a.warmup_iters, a.warmup_factor) == (500, 1 / 3)  # maskrcnn-benchmark's WARMUP_ITERS / WARMUP_FACTOR
     helps = " ".join(dap.get_args_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
     assert "voc 0.01 at batch 16" in helps and "voc 640, coco 800" in helps  # None defaults say the paper's values
+
+
+def test_voc_kshot_is_drawn_from_07_plus_12(tmp_path):
+    with pytest.raises(ValueError, match="07\\+12 trainval"):
+        dap.finetune_detector(parse("finetune", "--init", "c", "--kshot", 5, "--data", tmp_path / "VOC2007",
+                                    "--out", tmp_path / "ft", "--device", "cpu"), init_distributed("cpu"))
