@@ -428,20 +428,24 @@ def multiscale_cams(model, batches, labels: torch.Tensor):
     """CAMs averaged over scales and the horizontal flip (Sec. 4.1, released code).
 
     `batches`: one (images (B, 3, H, W) normalised and zero-padded to multiples of 32, grid (B, 2)
-    valid C5 cells) per scale, smallest scale first. Each scale's CAM is the flip-averaged feature
-    map's CAM, min-max normalised (Eq. 1) on its own; smaller scales are upsampled (nearest) to the
+    valid C5 cells) per scale, smallest scale first. Each image goes through the network at its own
+    size padded to a multiple of 32 (images of one size together), so its CAM does not depend on the
+    other images of the batch. Each scale's CAM is the flip-averaged feature map's CAM, min-max
+    normalised (Eq. 1) on its own; smaller scales are upsampled (nearest) to the
     largest scale's grid and the maps averaged. Returns (cams (B, h, w), grid (B, 2)) on the largest
     scale's grid."""
-    fc_w, fc_b = model.fc.weight, model.fc.bias
+    fc_w, fc_b = model.fc.weight.float(), model.fc.bias.float()
     out_grid, total = batches[-1][1], None
     for images, grid in batches:
-        f = resnet_features(model, images)
-        f = 0.5 * (f + resnet_features(model, images.flip(-1)).flip(-1))  # flip averaged on the features
-        cam = class_activation_maps(f.float(), fc_w.float(), fc_b.float(), labels)
-        hh, ww = cam.shape[1:]
-        valid = (torch.arange(hh, device=cam.device)[None, :, None] < grid[:, :1, None]) & \
-                (torch.arange(ww, device=cam.device)[None, None, :] < grid[:, 1:, None])
-        cam = normalize_cam(cam, valid)  # Eq. (1), per scale
+        cam = torch.zeros(len(images), int(grid[:, 0].max()), int(grid[:, 1].max()), device=images.device)
+        # each image at its own size padded to a multiple of 32 (as released), never at the batch's
+        # largest: the extra padding would reach its border cells through the receptive field
+        for gh, gw in torch.unique(grid, dim=0).tolist():
+            same = (grid == grid.new_tensor([gh, gw])).all(1).nonzero()[:, 0]
+            x = images[same, :, : gh * STRIDE, : gw * STRIDE]
+            f = resnet_features(model, x)
+            f = 0.5 * (f + resnet_features(model, x.flip(-1)).flip(-1))  # flip averaged on the features
+            cam[same, :gh, :gw] = normalize_cam(class_activation_maps(f.float(), fc_w, fc_b, labels[same]))  # Eq. (1)
         if total is None:
             total = torch.zeros(len(cam), int(out_grid[:, 0].max()), int(out_grid[:, 1].max()), device=cam.device)
         for i in range(len(cam)):  # nearest upsampling of each image's valid cells to its final grid

@@ -468,3 +468,18 @@ def test_voc_kshot_is_drawn_from_07_plus_12(tmp_path):
     with pytest.raises(ValueError, match="07\\+12 trainval"):
         dap.finetune_detector(parse("finetune", "--init", "c", "--kshot", 5, "--data", tmp_path / "VOC2007",
                                     "--out", tmp_path / "ft", "--device", "cpu"), init_distributed("cpu"))
+
+
+def test_an_images_cam_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 8).eval()
+    small = (torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), 2)
+    wide = (torch.randint(0, 256, (3, 64, 200), dtype=torch.uint8), 5)  # pads `small` to 7 cells wide in a batch
+    collate = dap.CamInputs([64, 128])
+    alone, _ = dap.multiscale_cams(model, *collate([(0, small)])[:2])
+    together, grid = dap.multiscale_cams(model, *collate([(0, small), (1, wide)])[:2])
+    assert grid[0].tolist() == [4, 4] and together.shape[1:] == (4, 13)
+    assert torch.allclose(together[0, :4, :4], alone[0], atol=1e-5)
+    b1, _ = dap.cams_to_boxes(alone)
+    b2, i2 = dap.cams_to_boxes(together, sizes=grid)
+    assert torch.allclose(b1, b2[i2 == 0], atol=1e-4)
