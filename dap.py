@@ -60,9 +60,11 @@ Released-code facts followed (IMPLEMENTATION_NOTES.md, DAP):
   are averaged; box coordinates map back with the stride (32) and the resize factor.
 
 DEVIATION (options, off by default): `--box-variant released` (cams_to_boxes(variant="released"))
-reproduces the released code where it differs from Eq. (2-6): moments weighted by (cam + 0.22)
-inside the mask, component area = area of its bounding rectangle, at most 4 components per
-threshold, w = max(1, sqrt(12 var)).
+reproduces the released code (`compute_box_imagenet1k.py`) where it differs from Eq. (1-6): the
+averaged map is not re-normalised (each scale's map was); components are 4-connected (scipy's
+default structure); a component's area is that of its bounding rectangle; at most 4 components per
+threshold, largest first; the moments run over every thresholded pixel inside the component's
+rectangle (pixels of other components there too), weighted by (cam + 0.22); w = max(1, sqrt(12 var)).
 
 Full-scale commands (ImageNet-1k in ImageFolder layout; each stage's default --out is the next
 stage's default input: runs/dap/cls -> runs/dap/pseudo_boxes -> runs/dap/det):
@@ -321,16 +323,17 @@ def threshold_cam(cam: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
 
 _EIGHT_CONNECTED = np.zeros((3, 3, 3), bool)
 _EIGHT_CONNECTED[1] = True  # 8-connected inside a map, never across the stacked maps
+_FOUR_CONNECTED = ndimage.generate_binary_structure(3, 1) & _EIGHT_CONNECTED  # scipy's default, in a map
 
 
 def moment_boxes(m: np.ndarray, x: np.ndarray, y: np.ndarray, comp: np.ndarray, n: int) -> np.ndarray:
     """Eq. (3-6) for n components at once: m, x, y are the weight and the pixel-centre coordinates
     of every pixel, comp its component (0..n-1). Returns (n, 4) float64 x_c, y_c, w, h."""
-    s0 = np.bincount(comp, m, n)
-    # Eq. (3), Eq. (4)
+    s0 = np.bincount(comp, m, n)  # sum of M over the component (the denominators)
+    # Eq. (3), Eq. (4): the M-weighted mean of x and of y
     x_c = np.bincount(comp, m * x, n) / s0
     y_c = np.bincount(comp, m * y, n) / s0
-    # Eq. (5), Eq. (6)
+    # Eq. (5), Eq. (6): sqrt(12 x the M-weighted variance), the side of a uniform box of that variance
     w = np.sqrt(12.0 * np.bincount(comp, m * (x - x_c[comp]) ** 2, n) / s0)
     h = np.sqrt(12.0 * np.bincount(comp, m * (y - y_c[comp]) ** 2, n) / s0)
     return np.stack([x_c, y_c, w, h], 1)
@@ -343,7 +346,11 @@ def cams_to_boxes(cams: torch.Tensor, thresholds=(0.2, 0.3, 0.4, 0.5), nms_iou: 
 
     Returns (boxes (M, 4) float32 x1 y1 x2 y2 in CAM cells, image (M,) int64 index into the batch),
     grouped by image, larger boxes first. `variant="released"`: the released code's deviations
-    (module docstring)."""
+    (module docstring); it takes the maps as given (multiscale_cams' average of normalised maps).
+
+    Batched: the B x T thresholded maps are stacked into one (B*T, h, w) array, labelled in one
+    scipy call (components never cross maps), and every per-component sum of Eq. (3-6) is a
+    bincount over the flat list of foreground pixels."""
     if variant not in ("paper", "released"):
         raise ValueError(f"unknown box variant {variant!r}; choose 'paper' or 'released'")
     device = cams.device
@@ -353,48 +360,55 @@ def cams_to_boxes(cams: torch.Tensor, thresholds=(0.2, 0.3, 0.4, 0.5), nms_iou: 
         sizes = torch.tensor([[hh, ww]] * b)
     sizes = torch.as_tensor(sizes).reshape(b, 2)
     valid = (torch.arange(hh)[None, :, None] < sizes[:, :1, None]) & (torch.arange(ww)[None, None, :] < sizes[:, 1:, None])
-    cam = normalize_cam(cams, valid)  # Eq. (1)
+    # Eq. (1) (the released code does not re-normalise the average of its normalised maps)
+    cam = normalize_cam(cams, valid) if variant == "paper" else cams.masked_fill(~valid, 0.0)
     taus = torch.as_tensor(thresholds, dtype=torch.float32)
     t = len(taus)
-    m_maps = threshold_cam(cam, taus).transpose(0, 1).reshape(b * t, hh, ww).numpy()  # (B*T, h, w), Eq. (2)
+    m_maps = threshold_cam(cam, taus).transpose(0, 1).reshape(b * t, hh, ww).numpy()  # (B*T, h, w): map k = (image k // T, tau k % T), Eq. (2)
 
-    # connected components of every (image, tau) map in one call
-    lab, n = ndimage.label(m_maps > 0, structure=_EIGHT_CONNECTED)
+    # connected components of every (image, tau) map in one call: lab holds 1..n, 0 = background
+    lab, n = ndimage.label(m_maps > 0, structure=_EIGHT_CONNECTED if variant == "paper" else _FOUR_CONNECTED)
     empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     if n == 0:
         return empty[0].to(device), empty[1].to(device)
-    flat = np.flatnonzero(lab)
-    comp = lab.ravel()[flat] - 1  # (P,) component of each foreground pixel
-    rem = flat % (hh * ww)
-    y = (rem // ww).astype(np.float64) + 0.5  # pixel centres
-    x = (rem % ww).astype(np.float64) + 0.5
-    comp_map = np.zeros(n, np.int64)
-    comp_map[comp] = flat // (hh * ww)  # (n,) which (image, tau) map each component lies in
-    m = m_maps.ravel()[flat].astype(np.float64)
-
+    rect = ndimage.find_objects(lab)  # per component: (map, rows, columns) slices of its rectangle
+    comp_map = np.array([r[0].start for r in rect], np.int64)  # (n,) which (image, tau) map it lies in
     if variant == "paper":
-        area = np.bincount(comp, minlength=n).astype(np.float64)
-        weight = m
-    else:  # DEVIATION (released code): rectangle area, weights cam + 0.22
-        rect = ndimage.find_objects(lab)
-        area = np.array([(s[1].stop - s[1].start) * (s[2].stop - s[2].start) for s in rect], np.float64)
-        weight = m + 0.22
+        # the pixels of Eq. (3-6): every foreground pixel, with its component and its M
+        flat = np.flatnonzero(lab)
+        comp = lab.ravel()[flat] - 1  # (P,) component of each foreground pixel, 0..n-1
+        rem = flat % (hh * ww)  # position inside its map
+        ys, xs = rem // ww, rem % ww
+        weight = m_maps.ravel()[flat].astype(np.float64)  # M(x, y) of Eq. (2)
+        area = np.bincount(comp, minlength=n).astype(np.float64)  # a component's area: its pixel count
+    else:  # the released code: every thresholded pixel inside the component's rectangle, weight cam + 0.22
+        comp, ys, xs, weight = [], [], [], []
+        for c, (mp, rows, cols) in enumerate(rect):
+            window = m_maps[mp.start, rows, cols]
+            yy, xx = np.nonzero(window)
+            comp.append(np.full(len(yy), c)), ys.append(yy + rows.start), xs.append(xx + cols.start)
+            weight.append(window[yy, xx].astype(np.float64) + 0.22)
+        comp, ys, xs, weight = (np.concatenate(v) for v in (comp, ys, xs, weight))
+        area = np.array([(r[1].stop - r[1].start) * (r[2].stop - r[2].start) for r in rect], np.float64)
+    x, y = xs.astype(np.float64) + 0.5, ys.astype(np.float64) + 0.5  # pixel centres (x = column + 0.5)
+
     # drop components smaller than half the largest of their map
     largest = np.zeros(b * t)
     np.maximum.at(largest, comp_map, area)
     keep = area >= 0.5 * largest[comp_map]
     if variant == "released":  # at most 4 components per threshold, largest first
-        order = np.lexsort((-area, comp_map))
+        order = np.lexsort((-area, comp_map))  # by map, then by decreasing area
         rank = np.empty(n, np.int64)
         sorted_maps = comp_map[order]
-        rank[order] = np.arange(n) - np.searchsorted(sorted_maps, sorted_maps, "left")
+        rank[order] = np.arange(n) - np.searchsorted(sorted_maps, sorted_maps, "left")  # place inside its map
         keep &= rank < 4
 
-    xc, yc, w, h = moment_boxes(weight, x, y, comp, n).T  # Eq. (3-6)
+    xc, yc, w, h = moment_boxes(weight, x, y, comp, n).T  # Eq. (3-6), every component at once
     if variant == "released":
         w, h = np.maximum(w, 1.0), np.maximum(h, 1.0)
     image = comp_map // t
     lim_h, lim_w = sizes[image, 0].numpy(), sizes[image, 1].numpy()
+    # the box centred on (x_c, y_c) with sides w, h, clipped to the map's valid cells
     boxes = np.stack([np.clip(xc - w / 2, 0, lim_w), np.clip(yc - h / 2, 0, lim_h),
                       np.clip(xc + w / 2, 0, lim_w), np.clip(yc + h / 2, 0, lim_h)], 1)
     keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])

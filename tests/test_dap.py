@@ -483,3 +483,26 @@ def test_an_images_cam_does_not_depend_on_its_batch():
     b1, _ = dap.cams_to_boxes(alone)
     b2, i2 = dap.cams_to_boxes(together, sizes=grid)
     assert torch.allclose(b1, b2[i2 == 0], atol=1e-4)
+
+
+def test_released_variant_is_the_released_code():
+    # 4-connected components (scipy's default): two squares touching at a corner are two objects
+    cam = torch.zeros(20, 20)
+    cam[2:6, 2:6] = cam[6:10, 6:10] = 1.0
+    assert len(dap.cam_to_boxes(cam)) == 1 and len(dap.cam_to_boxes(cam, variant="released")) == 2
+    # no re-normalisation of the (already normalised) map: a 0.25 floor is above tau = 0.2
+    cam = torch.full((20, 20), 0.25)
+    cam[5:10, 5:10] = 0.45
+    assert torch.allclose(dap.cam_to_boxes(cam), torch.tensor([[5.0, 5, 10, 10]]), atol=0.3)
+    assert dap.cam_to_boxes(cam, variant="released")[0].tolist() == pytest.approx([0, 0, 20, 20], abs=0.6)
+    # moments over every thresholded pixel in the component's rectangle, weighted cam + 0.22
+    cam = torch.zeros(24, 24)
+    cam[2:20, 2:4] = 1.0  # an L: a bar down the left ...
+    cam[18:20, 2:20] = 1.0  # ... and along the bottom
+    cam[5:8, 14:17] = 1.0  # a blob inside the L's rectangle, not touching it (dropped: under half its area)
+    ys, xs = np.nonzero(cam[2:20, 2:20].numpy())
+    x, y = xs + 2 + 0.5, ys + 2 + 0.5  # the same weight 1.22 everywhere: plain moments
+    want = [x.mean() - np.sqrt(12 * x.var()) / 2, y.mean() - np.sqrt(12 * y.var()) / 2,
+            x.mean() + np.sqrt(12 * x.var()) / 2, y.mean() + np.sqrt(12 * y.var()) / 2]
+    rel = dap.cam_to_boxes(cam, variant="released")
+    assert len(rel) == 1 and rel[0].tolist() == pytest.approx(np.clip(want, 0, 24), abs=1e-4)  # clipped to the map
