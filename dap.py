@@ -48,10 +48,18 @@ CHOICE (the paper is silent):
 - CAM inputs are resized with bilinear, antialiased interpolation.
 - CorLoc: an image counts when one of its pseudo boxes has IoU >= 0.5 with a true box of the
   labelled class; recall: the fraction of true boxes of that class hit at IoU >= 0.5.
+- VOC training keeps the `difficult` boxes (common's default, as Detectron2's `load_voc_instances`);
+  the authors' fine-tuning ran on maskrcnn-benchmark, whose VOC training set drops them
+  (`use_difficult=False`, `common.data.VOCDetection(keep_difficult=False)` here). We follow
+  Detectron2; evaluation ignores difficult objects either way (devkit).
 - Evaluation: the VOC protocols test on VOC2007 test and report the paper's AP_5 (`voc_mAP50`, area)
   and AP_5,07metric (`voc07_mAP50`, 11-point), with AP / AP50 / AP75 as Detectron2's
   PascalVOCDetectionEvaluator gives them there (devkit AP, difficult objects ignored, 11-point
   metric; AP the mean over IoU 0.50:0.95); the coco protocol reports COCOeval's AP set.
+
+Not implemented: self-training (Sec. 4.4, Tab. 9: pseudo labels of score >= 0.6, or the image's
+best, on VOC 2012 trainval predicted with flip, then 2 more epochs on all data). Fine-tune on VOC07,
+pseudo-label VOC12 with another tool, and fine-tune again with `finetune --init` to reproduce it.
 
 Released-code facts followed (IMPLEMENTATION_NOTES.md, DAP):
 - Scales 288 / 576 are short sides; images are zero-padded right/bottom to a multiple of 32; the
