@@ -506,3 +506,14 @@ def test_released_variant_is_the_released_code():
             x.mean() + np.sqrt(12 * x.var()) / 2, y.mean() + np.sqrt(12 * y.var()) / 2]
     rel = dap.cam_to_boxes(cam, variant="released")
     assert len(rel) == 1 and rel[0].tolist() == pytest.approx(np.clip(want, 0, 24), abs=1e-4)  # clipped to the map
+
+
+def test_classify_accumulates_to_the_global_batch(tmp_path):
+    env = init_distributed("cpu")
+    dap.train_classifier(parse("classify", "--out", tmp_path, "--backbone", "resnet18", "--epochs", 1,
+                               "--batch-size", 8, "--accumulate", 2, "--crop-size", 32, *DATA), env)
+    # 24 images, batches of 8 / 2 = 4: 6 batches, one update every 2
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 3
+    with pytest.raises(ValueError, match="does not split"):
+        dap.train_classifier(parse("classify", "--out", tmp_path / "b", "--batch-size", 6, "--accumulate", 4,
+                                   *DATA), env)
