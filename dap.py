@@ -85,11 +85,12 @@ stage's default input: runs/dap/cls -> runs/dap/pseudo_boxes -> runs/dap/det):
     torchrun --nproc_per_node 8 dap.py finetune --protocol voc07 --data /data/VOCdevkit/VOC2007 \
         --init runs/dap/cls/classifier.pth --out runs/dap/voc07_cls          # CLS baseline
     (--protocol voc0712 --data /data/VOCdevkit/VOC2007,/data/VOCdevkit/VOC2012; --protocol coco
-    --data /data/coco; --kshot 5 --iters N for Fig. 3-4; --freeze-backbone on pretrain: Tab. 3;
-    --arch retinanet: Tab. 6-7; --backbone resnet101: Tab. 4-5)
-CPU demo (synthetic data, every step at toy scale (DEMO: ResNet-18, 64-px object images, CAM
-scales 96/192, 96-px scenes), then the CLS vs DAP 5-shot table):
-    python dap.py --demo
+    --data /data/coco; --kshot 5 --iters N for Fig. 3-4, on VOC with --protocol voc0712;
+    --freeze-backbone on pretrain: Tab. 3; --arch retinanet on pretrain and finetune: Tab. 6-7;
+    --backbone resnet101: Tab. 4-5; classify --accumulate 4 where 1,024 images a GPU do not fit)
+CPU demo (the synthetic benchmark at common.demo's recipe, settings in DEMO: the four steps, the
+classifier's top-1, the pseudo boxes' CorLoc / recall, CLS vs DAP at 5-shot -> OUT/demo.json):
+    python dap.py --demo --seed 0 --out runs/dap_demo
 """
 from __future__ import annotations
 
