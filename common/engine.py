@@ -210,12 +210,10 @@ def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir,
     ends with the same weights as an uninterrupted one, and its log is cut back to the checkpoint's
     step. A fresh run refuses an `out_dir` holding an earlier run's log. Temporary files of a save
     that was killed are removed on start. Callbacks: on_step_end(step), on_epoch_end(epoch).
-    `accumulate` = k > 1: gradient accumulation, one update (a "step") per k loader batches, each
-    batch's loss divided by k (so k batches of n give the gradient of one batch of k x n; an epoch's
-    last update may take fewer); DDP synchronises gradients on the k-th batch only.
+    `accumulate` = n: gradient accumulation, one update (a step) every n loader batches (the last
+    group of an epoch may be shorter), each batch's loss divided by n, DDP's all-reduce only on the
+    last; the log shows the last batch's losses; checkpoints fall on updates.
     """
-    if accumulate < 1:
-        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
     loss_fn = loss_fn or default_loss
     extra_state = extra_state or {}
     out_dir = Path(out_dir)
@@ -288,21 +286,18 @@ def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir,
             images = [im.to(device, non_blocking=True) for im in images]
             targets = _to_device(targets, device)
             t_step = time.perf_counter()
-            update = (batch + 1) % accumulate == 0 or batch + 1 == len(loader)  # the last batch of an update
-            # DDP all-reduces gradients in backward; inside no_sync() it accumulates them locally
-            sync = model.no_sync() if not update and hasattr(model, "no_sync") else contextlib.nullcontext()
-            with sync:
+            update = (batch + 1) % accumulate == 0 or batch + 1 == len(loader)  # the last batch of a group
+            if batch % accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
                 with autocast(device, amp):
                     losses = loss_fn(model, images, targets)
                 loss = sum(losses.values())
                 logged = reduce_dict({k: v.detach().float() for k, v in losses.items()})
                 check_finite(logged, step)
-                if batch % accumulate == 0 or batch == start_batch:
-                    optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
             if not update:
                 bar.update()
-                t_data = time.perf_counter()
                 continue
             if clip_grad > 0:
                 scaler.unscale_(optimizer)

@@ -15,7 +15,7 @@ from common.engine import (build_scheduler, check_finite, load_checkpoint, resol
                            train_detector)
 
 from conftest import run_torchrun
-from engine_train import Points, loss_ce, train as tiny
+from engine_train import loss_ce, train as tiny
 
 
 def _run(out, resume=None, max_steps=None, workers=0):
@@ -235,21 +235,37 @@ def test_sigkill_mid_epoch_with_workers_then_resume_is_exact(tmp_path, root):
     assert [l["step"] for l in _log(tmp_path / "cut" / "metrics.jsonl")] == list(range(1, 9))
 
 
-def test_accumulation_of_k_batches_is_one_batch_k_times_larger(tmp_path):
-    def run(out, batch, accumulate):
-        seed_everything(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sched = build_scheduler(opt, 4, warmup_steps=2, warmup_factor=0.1)
-        loader = build_loader(Points(), batch, True, workers=0, group_by_aspect_ratio=False)
-        train_detector(model, loader, opt, sched, epochs=2, out_dir=out, loss_fn=loss_ce, log_every=1,
-                       accumulate=accumulate)
-        return model, load_checkpoint(out / "checkpoint.pth")["step"]
+class _Points(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, generator=g)
 
-    big, steps_big = run(tmp_path / "big", 8, 1)
-    acc, steps_acc = run(tmp_path / "acc", 4, 2)  # the same 8 images a step, in 2 batches of 4
-    assert steps_big == steps_acc == 4  # steps count updates: 16 points, 8 an update, 2 epochs
-    for (k, x), y in zip(big.state_dict().items(), acc.state_dict().values()):
-        assert torch.allclose(x, y, atol=1e-6), k
-    with pytest.raises(ValueError, match="accumulate"):
-        run(tmp_path / "bad", 4, 0)
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], {"y": self.y[i]}
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """accumulate=2 over batches of 2 makes the updates of batches of 4 (a mean loss, no BN)."""
+    def run(out, batch, accumulate):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = build_scheduler(opt, 4)
+
+        def mse(model, images, targets):
+            pred = model(torch.stack(images))[:, 0]
+            return {"mse": ((pred - torch.stack([t["y"] for t in targets])) ** 2).mean()}
+        loader = build_loader(_Points(), batch, True, workers=0, group_by_aspect_ratio=False)
+        train_detector(model, loader, opt, sched, epochs=2, out_dir=out, loss_fn=mse, log_every=1,
+                       accumulate=accumulate)
+        return model, [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full, steps_full = run(tmp_path / "a", 4, 1)
+    acc, steps_acc = run(tmp_path / "b", 2, 2)
+    assert steps_full == steps_acc == [1, 2, 3, 4]  # 2 updates per epoch either way
+    for x, y in zip(full.parameters(), acc.parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pth")["step"] == 4
