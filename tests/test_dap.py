@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 
 import dap
 from common.data import build_classification_dataset
+from common.demo import check_demo_result
 from common.synthetic import SyntheticDetection
 from common.detectors import build_classifier
 from common.distributed import init_distributed, seed_everything
@@ -338,29 +339,33 @@ def test_torchrun_two_processes_pretrain_and_pseudo_boxes(pipeline, tmp_path):
 
 
 # --- The demo, the CLI defaults, bad input --------------------------------------------------------
-def test_demo_runs_every_step_and_prints_the_table(tmp_path, monkeypatch, capsys):
-    tiny = {
-        "common": ["--device", "cpu", "--workers", "0", "--seed", "0"],
-        "objects": ["--image-size", "64", "--synthetic-images", "16"],
-        "classify": ["--backbone", "resnet18", "--epochs", "1", "--batch-size", "8", "--crop-size", "64"],
-        "pseudo-boxes": ["--scales", "64", "128", "--batch-size", "8"],
-        "pretrain": [*DET, "--epochs", "0.5"],
-        "finetune": [*DET, "--batch-size", "2", "--kshot", "1", "--iters", "2", "--test-images", "4", "--train-split", "train",
-                     "--test-split", "test", "--image-size", "64", "--synthetic-images", "16"],
-    }
+def test_demo_writes_the_claims_and_the_pseudo_box_quality(tmp_path, monkeypatch):
+    tiny = dict(dap.DEMO, object_images=16, pseudo_box_images=12, object_test=8, scenes=80, test_scenes=4,
+                classifier_steps=8, cam_scales=[64, 128], pretrain_steps=8, finetune_steps=8, batch_size=2, cache=str(tmp_path / "cache"))
     monkeypatch.setattr(dap, "DEMO", tiny)
-    result = dap.demo(tmp_path)
-    printed = capsys.readouterr().out
-    assert "| CLS |" in printed and "| DAP |" in printed and "| DAP - CLS |" in printed and "CorLoc" in printed
-    assert set(result) == {"quality", "CLS", "DAP"}
+    args = parse("--demo", "--seed", 1, "--out", tmp_path / "demo")
+    dap.demo(args)
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    check_demo_result(result)
+    assert result["script"] == "dap.py" and result["seed"] == 1
+    assert [(c["claim"], c["metric"], c["better"]["name"], c["worse"]["name"]) for c in result["claims"]] == [
+        ("DAP > CLS at 5-shot", "AP50", "DAP", "CLS"), ("DAP > CLS at 5-shot", "AP", "DAP", "CLS")]
+    t = result["tables"]
+    assert 0 <= t["classifier"]["top1"] <= 1 and set(t["pseudo_boxes"]) == {"corloc", "recall", "boxes_per_image"}
+    assert t["finetune"]["kshot_images"] == 40  # 5 images per class, 8 classes
+    assert t["finetune"]["DAP"]["AP50"] == result["claims"][0]["better"]["value"]
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        dap.demo(args)  # an existing demo folder is not overwritten
+    dap.demo(parse("--demo", "--seed", 1, "--out", tmp_path / "demo", "--resume", "auto"))  # finished steps reused
 
 
 def test_cli_defaults_are_the_papers():
     a = parse("pseudo-boxes", "--out", "x", "--classifier", "c")
     assert (a.scales, a.thresholds, a.nms_iou, a.box_variant) == ([288, 576], [0.2, 0.3, 0.4, 0.5], 0.8, "paper")
-    a = parse("pretrain", "--out", "x", "--pseudo-boxes", "b", "--classifier", "c")
+    a = dap.apply_pretrain_schedule(parse("pretrain", "--out", "x", "--pseudo-boxes", "b", "--classifier", "c"))
     assert (a.arch, a.backbone, a.scales, a.batch_size, a.epochs) == ("faster_rcnn_fpn", "resnet50", [96, 160, 320, 640], 32, 1)
     assert (a.lr, a.lr_batch, a.warmup_iters, a.weight_decay, a.freeze_backbone) == (0.008, 64, 2000, 1e-4, False)
+    assert a.iters == 0 and a.warmup_factor == 0.01  # the released config's warm-up factor
     a = dap.apply_protocol(parse("finetune", "--out", "x", "--init", "c"))
     assert (a.protocol, a.lr, a.lr_batch, a.batch_size, a.epochs, a.scales, a.test_size) == ("voc07", 0.01, 16, 16, 14, [640], 640)
     assert a.milestones == [10 / 14] and a.weight_decay == 1e-4 and a.train_split == "trainval"
@@ -368,7 +373,7 @@ def test_cli_defaults_are_the_papers():
     assert (a.iters, a.lr, a.scales, a.max_size, a.milestones) == (90000, 0.01, [800], 1333, [60 / 90, 80 / 90])
     a = parse("classify", "--out", "x")
     assert (a.epochs, a.batch_size, a.lr * a.batch_size / 256) == (50, 8192, 3.2)
-    assert parse("--demo").demo
+    assert parse("--demo").demo and parse("--demo").out == "runs/dap_demo"
 
 
 def test_bad_inputs_give_clear_errors(pipeline, tmp_path):
@@ -384,3 +389,131 @@ def test_bad_inputs_give_clear_errors(pipeline, tmp_path):
                                         *DATA), env)
     with pytest.raises(ValueError, match="2-D"):
         dap.cam_to_boxes(torch.zeros(2, 3, 3))
+
+
+# --- Full-scale defects (issue 13) -----------------------------------------------------------------
+def test_classify_weights_keeps_the_trained_fc_and_refuses_another_class_set(tmp_path):
+    torch.manual_seed(0)
+    source = build_classifier("resnet18", 3).state_dict()
+    torch.save(source, tmp_path / "w.pth")
+    env = init_distributed("cpu")
+    ck = torch.load(dap.train_classifier(parse("classify", "--out", tmp_path / "cls", "--backbone", "resnet18",
+                                               "--weights", tmp_path / "w.pth"), env), weights_only=True)
+    assert torch.equal(ck["model"]["fc.weight"], source["fc.weight"])  # the CAMs' fc, not a random one
+    assert torch.equal(ck["model"]["fc.bias"], source["fc.bias"])
+    for c in ("a", "b"):  # an ImageFolder of 2 classes: the 3-class fc cannot make its CAMs
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        from PIL import Image
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / c / "x.png")
+    with pytest.raises(ValueError, match="2 classes.*fc"):
+        dap.train_classifier(parse("classify", "--out", tmp_path / "c2", "--backbone", "resnet18", "--weights",
+                                   tmp_path / "w.pth", "--data", tmp_path / "data"), env)
+    torch.save({k: v for k, v in source.items() if not k.startswith("fc.")}, tmp_path / "backbone.pth")
+    with pytest.raises(ValueError, match="no classifier layer fc.weight"):
+        dap.train_classifier(parse("classify", "--out", tmp_path / "c3", "--backbone", "resnet18", "--weights",
+                                   tmp_path / "backbone.pth"), env)
+
+
+def test_finetune_eval_only_evaluates_the_fine_tuned_box_predictor(pipeline, tmp_path, monkeypatch):
+    argv = ["finetune", "--kshot", 1, "--iters", 2, "--train-split", "train", "--test-split", "test",
+            "--test-images", 2, *DET, *DATA]
+    dap.finetune_detector(parse(*argv, "--out", tmp_path / "ft", "--init", pipeline["det"]), pipeline["env"])
+    trained = torch.load(tmp_path / "ft" / "checkpoint.pth", weights_only=True)["model"]
+    seen = {}
+    real = dap.evaluate_detector
+    monkeypatch.setattr(dap, "evaluate_detector", lambda model, *a, **kw: seen.setdefault("sd", model.state_dict())
+                        and real(model, *a, **kw))
+    dap.finetune_detector(parse(*argv, "--out", tmp_path / "ev", "--init", tmp_path / "ft" / "checkpoint.pth",
+                                "--eval-only"), pipeline["env"])
+    for k, v in trained.items():  # every tensor evaluated is the fine-tuned one, the box predictor too
+        assert torch.equal(seen["sd"][k], v), k
+    with pytest.raises(ValueError, match="not a fine-tuned detector"):  # a classifier has no heads to evaluate
+        dap.finetune_detector(parse(*argv, "--out", tmp_path / "ev2", "--init", pipeline["cls"], "--eval-only"),
+                              pipeline["env"])
+
+
+def test_pretrain_checkpoints_inside_its_one_epoch(pipeline, tmp_path, monkeypatch):
+    assert parse("pretrain", "--out", "x").checkpoint_every == 1000  # on by default: Step 3 is one long epoch
+    real = dap.train_detector
+
+    def killed_at_step_4(*a, **kw):
+        def stop(step):
+            if step == 4:
+                raise KeyboardInterrupt
+        return real(*a, **dict(kw, on_step_end=stop))
+
+    monkeypatch.setattr(dap, "train_detector", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):  # 24 images at batch 4: one epoch is 6 steps
+        dap.pretrain_detector(parse("pretrain", "--out", tmp_path, "--pseudo-boxes", pipeline["boxes"], "--classifier",
+                                    pipeline["cls"], "--epochs", 1, "--checkpoint-every", 3, *DET, *DATA),
+                              pipeline["env"])
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 3  # --resume auto goes on from it
+
+
+def test_retinanet_schedules_are_the_papers_and_warm_up_is_maskrcnn_benchmarks():
+    a = dap.apply_pretrain_schedule(parse("pretrain", "--arch", "retinanet"))  # Sec. 4.4
+    assert (a.iters, a.batch_size, a.lr * a.batch_size / a.lr_batch) == (80072, 32, 0.005)
+    a = dap.apply_pretrain_schedule(parse("pretrain", "--arch", "retinanet", "--epochs", "2"))
+    assert (a.iters, a.epochs) == (0, 2)  # --epochs alone means epochs
+    a = dap.apply_protocol(parse("finetune", "--init", "c", "--protocol", "coco", "--arch", "retinanet"))
+    assert (a.lr, a.lr_batch, a.iters) == (0.01, 16, 90000)  # RetinaNet 1x, not Faster R-CNN's 0.02
+    assert dap.apply_protocol(parse("finetune", "--init", "c", "--protocol", "coco")).lr == 0.02
+    a = parse("finetune", "--init", "c")
+    assert (a.warmup_iters, a.warmup_factor) == (500, 1 / 3)  # maskrcnn-benchmark's WARMUP_ITERS / WARMUP_FACTOR
+    helps = " ".join(dap.get_args_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
+    assert "voc 0.01 at batch 16" in helps and "voc 640, coco 800" in helps  # None defaults say the paper's values
+
+
+def test_voc_kshot_is_drawn_from_07_plus_12(tmp_path):
+    with pytest.raises(ValueError, match="07\\+12 trainval"):
+        dap.finetune_detector(parse("finetune", "--init", "c", "--kshot", 5, "--data", tmp_path / "VOC2007",
+                                    "--out", tmp_path / "ft", "--device", "cpu"), init_distributed("cpu"))
+
+
+def test_an_images_cam_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 8).eval()
+    small = (torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), 2)
+    wide = (torch.randint(0, 256, (3, 64, 200), dtype=torch.uint8), 5)  # pads `small` to 7 cells wide in a batch
+    collate = dap.CamInputs([64, 128])
+    alone, _ = dap.multiscale_cams(model, *collate([(0, small)])[:2])
+    together, grid = dap.multiscale_cams(model, *collate([(0, small), (1, wide)])[:2])
+    assert grid[0].tolist() == [4, 4] and together.shape[1:] == (4, 13)
+    assert torch.allclose(together[0, :4, :4], alone[0], atol=1e-5)
+    b1, _ = dap.cams_to_boxes(alone)
+    b2, i2 = dap.cams_to_boxes(together, sizes=grid)
+    assert torch.allclose(b1, b2[i2 == 0], atol=1e-4)
+
+
+def test_released_variant_is_the_released_code():
+    # 4-connected components (scipy's default): two squares touching at a corner are two objects
+    cam = torch.zeros(20, 20)
+    cam[2:6, 2:6] = cam[6:10, 6:10] = 1.0
+    assert len(dap.cam_to_boxes(cam)) == 1 and len(dap.cam_to_boxes(cam, variant="released")) == 2
+    # no re-normalisation of the (already normalised) map: a 0.25 floor is above tau = 0.2
+    cam = torch.full((20, 20), 0.25)
+    cam[5:10, 5:10] = 0.45
+    assert torch.allclose(dap.cam_to_boxes(cam), torch.tensor([[5.0, 5, 10, 10]]), atol=0.3)
+    assert dap.cam_to_boxes(cam, variant="released")[0].tolist() == pytest.approx([0, 0, 20, 20], abs=0.6)
+    # moments over every thresholded pixel in the component's rectangle, weighted cam + 0.22
+    cam = torch.zeros(24, 24)
+    cam[2:20, 2:4] = 1.0  # an L: a bar down the left ...
+    cam[18:20, 2:20] = 1.0  # ... and along the bottom
+    cam[5:8, 14:17] = 1.0  # a blob inside the L's rectangle, not touching it (dropped: under half its area)
+    ys, xs = np.nonzero(cam[2:20, 2:20].numpy())
+    x, y = xs + 2 + 0.5, ys + 2 + 0.5  # the same weight 1.22 everywhere: plain moments
+    want = [x.mean() - np.sqrt(12 * x.var()) / 2, y.mean() - np.sqrt(12 * y.var()) / 2,
+            x.mean() + np.sqrt(12 * x.var()) / 2, y.mean() + np.sqrt(12 * y.var()) / 2]
+    rel = dap.cam_to_boxes(cam, variant="released")
+    assert len(rel) == 1 and rel[0].tolist() == pytest.approx(np.clip(want, 0, 24), abs=1e-4)  # clipped to the map
+
+
+def test_classify_accumulates_to_the_global_batch(tmp_path):
+    env = init_distributed("cpu")
+    dap.train_classifier(parse("classify", "--out", tmp_path, "--backbone", "resnet18", "--epochs", 1,
+                               "--batch-size", 8, "--accumulate", 2, "--crop-size", 32, *DATA), env)
+    # 24 images, batches of 8 / 2 = 4: 6 batches, one update every 2
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 3
+    with pytest.raises(ValueError, match="does not split"):
+        dap.train_classifier(parse("classify", "--out", tmp_path / "b", "--batch-size", 6, "--accumulate", 4,
+                                   *DATA), env)
