@@ -278,7 +278,7 @@ def evaluate_predictions(predictions, targets, metric: str = "coco", iou_thresho
 # --------------------------------------------------------------------------------------------
 # Running a detector over a (distributed) loader
 # --------------------------------------------------------------------------------------------
-_EVAL_KEYS = ("boxes", "labels", "scores", "difficult", "iscrowd", "area", "image_id", "image_label")
+_EVAL_KEYS = ("boxes", "labels", "scores", "difficult", "iscrowd", "area", "image_id", "image_label", "proposals")
 
 
 def _to_cpu(d: dict) -> dict:
