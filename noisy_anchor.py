@@ -81,9 +81,13 @@ DEVIATION: none in the method. The CPU demo (`demo`) runs common.demo's recipe (
   = 11. Both arms start from one shared warm-up of the baseline, so that cls_c and loc_a mean
   something (the paper starts from ImageNet weights), then train the same further steps on the same
   batches.
-NOT IMPLEMENTED (Table 2.1): multi-scale testing ({400, 500, ..., 1200} + flips, Detectron's test-time
-  augmentation) and a COCO test-dev results writer (detections_test-dev2017_*_results.json for the
-  evaluation server); single-scale AP on a labelled split is what this script reports.
+CHOICE: multi-scale testing (Table 2.1, `--test-scales 400 500 600 700 900 1000 1100 1200 --test-flip`)
+  as Detectron's bbox test augmentation with its union heuristic: the candidates of the test scale
+  (--min-size 800), of each extra short side and of every horizontal flip are pooled, then one NMS
+  and the per-image cap; the long-side cap scales with the short side (1333 / 800).
+NOT IMPLEMENTED (Table 2.1): a COCO test-dev results writer (detections_test-dev2017_*_results.json for
+  the evaluation server; common's COCO loader also refuses an image-info file without annotations);
+  AP on a labelled split is what this script reports.
 
 Full scale (COCO trainval35k / minival, 1x schedule of Sec. 2.5.1, global batch 8 on 4+ GPUs):
   torchrun --nproc_per_node 4 noisy_anchor.py --data /data/coco --train-split train2017 \
@@ -91,7 +95,8 @@ Full scale (COCO trainval35k / minival, 1x schedule of Sec. 2.5.1, global batch 
   baseline:  add --baseline (IoU 0.5 / 0.4 labels, hard labels, no re-weighting)
   Table 2.3: --no-soft-labels / --no-reweight;  Table 2.4: --gamma, --topn, --alpha
   Table 2.2: --backbone resnet101 | resnext101_32x8d;  multi-scale: --train-scales 640 672 704 736 768 800
-  Table 2.1: --schedule 1.5x --train-scales 640 672 704 736 768 800 (single-scale testing only)
+  Table 2.1: --schedule 1.5x --train-scales 640 672 704 736 768 800, multi-scale testing with
+      --test-scales 400 500 600 700 900 1000 1100 1200 --test-flip
   Tables 2.5-2.6 (RPN of Faster R-CNN FPN, LR 0.01 by default): --arch faster_rcnn_fpn (Table 2.5: add --rpn-only)
       (RPN baseline: --baseline; RPN-0.5: --baseline --iou-thresholds 0.5 0.5; RPN-0.5 + SR: --assign iou
        --iou-thresholds 0.5 0.5 --no-soft-labels)
@@ -173,6 +178,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="training short sides; 640 672 704 736 768 800 for multi-scale (Sec. 2.5.1)")
     paper.add_argument("--min-size", type=int, default=800, help="test short side (Sec. 2.5.1)")
     paper.add_argument("--max-size", type=int, default=1333, help="long side cap (Sec. 2.5.1)")
+    paper.add_argument("--test-scales", type=int, nargs="+", default=None,
+                       help="multi-scale testing: short sides tested besides --min-size (Table 2.1: 400 500 600 700 "
+                            "900 1000 1100 1200, with --test-flip); the union of every view's detections, then NMS")
+    paper.add_argument("--test-flip", action="store_true", help="also test each scale's horizontal flip (Table 2.1)")
     paper.add_argument("--top-fraction", type=float, default=0.02, help="Table 2.7: most confident share of predictions")
 
     system = p.add_argument_group("system")
@@ -482,36 +491,75 @@ def train(args, env, model, train_set, out_dir: Path):
 # ----------------------------------------------------------------------------------------------
 # Evaluation: AP, proposal AR (Table 2.5), confidence vs IoU (Table 2.7), PR curves (Fig. 2.2)
 # ----------------------------------------------------------------------------------------------
+def sharing(module: torch.nn.Module, **attrs) -> torch.nn.Module:
+    """A shallow copy of `module` (every parameter and sub-module shared) with `attrs` set on the copy
+    only; a sub-module among them replaces the copy's own, never the original's."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
 class OnePass(torch.nn.Module):
     """One evaluation pass of a RetinaNet or Faster R-CNN, the model itself left untouched: each
     image's detections as they enter the detector's NMS (its score threshold, per-level top-k and
     box filtering applied; NMS and the per-image cap not), in original image coordinates; for a
     Faster R-CNN also its RPN proposals in score order (`proposals`). `after_nms` turns the
-    candidates into the detector's own output, so AP, Table 2.7 and Table 2.5 need one pass."""
+    candidates into the detector's own output, so AP, Table 2.7 and Table 2.5 need one pass.
+    Multi-scale testing (Table 2.1, Detectron's union heuristic): with extra short sides `scales`
+    and / or `flip`, the candidates are the union of every test view's (the model's own short side,
+    each extra one, and their horizontal flips mapped back), and `after_nms` is the NMS over that
+    union; proposals are the first view's."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, scales=None, flip: bool = False):
         super().__init__()
         self.model = model
-        # a shallow copy of the post-processing module shares every parameter; only its NMS
-        # threshold (an IoU above 1 suppresses nothing) and its cap differ from the model's
-        post = copy.copy(model if isinstance(model, RetinaNet) else model.roi_heads)
-        post.nms_thresh, post.detections_per_img = 1.01, 10**9
-        self.post = [post]  # a list: not registered as a second copy of the model's modules
+        # the post-processing module as a shallow copy: its NMS threshold (an IoU above 1
+        # suppresses nothing) and cap differ from the model's, every parameter is shared
+        no_nms = dict(nms_thresh=1.01, detections_per_img=10**9)
+        self.post = sharing(model, **no_nms) if isinstance(model, RetinaNet) else sharing(model.roi_heads, **no_nms)
+        base = model.transform
+        views = []  # (transform, flipped): the long side cap scales with the short side
+        for size in [base.min_size[-1], *(scales or [])]:  # Detectron: the test scale, then the extra ones
+            t = sharing(base, min_size=(size,), max_size=round(size * base.max_size / base.min_size[-1]))
+            views += [(t, False)] + ([(t, True)] if flip else [])
+        self.views = views
         self.train(model.training)  # so that `predict` leaves the model in the mode it found it in
 
     def forward(self, images):
-        m, post = self.model, self.post[0]
-        post.training = m.training
-        if isinstance(m, RetinaNet):
-            return post(images)
+        for t, _ in self.views:  # a plain list: eval() / train() do not reach these copies
+            t.training = self.model.training
+        per_view = [self._view(images, t, flipped) for t, flipped in self.views]
+        if len(per_view) == 1:
+            return per_view[0]
+        merged = []
+        for outs in zip(*per_view):  # one image's detections in every view
+            d = {k: torch.cat([o[k] for o in outs]) for k in ("boxes", "scores", "labels")}
+            merged.append({**d, "proposals": outs[0]["proposals"]} if "proposals" in outs[0] else d)
+        return merged
+
+    def _view(self, images, transform, flipped: bool):
+        m = self.model
         sizes = [im.shape[-2:] for im in images]
-        image_list, _ = m.transform(images)
-        features = m.backbone(image_list.tensors)
-        proposals, _ = m.rpn(image_list, features)
-        detections, _ = post(features, proposals, image_list.image_sizes)
-        out = m.transform.postprocess(detections, image_list.image_sizes, sizes)
-        props = m.transform.postprocess([{"boxes": b} for b in proposals], image_list.image_sizes, sizes)
-        return [{**o, "proposals": p["boxes"]} for o, p in zip(out, props)]
+        if flipped:
+            images = [im.flip(-1) for im in images]
+        if isinstance(m, RetinaNet):
+            out = sharing(self.post, transform=transform)(images)
+        else:
+            image_list, _ = transform(images)
+            features = m.backbone(image_list.tensors)
+            proposals, _ = m.rpn(image_list, features)
+            detections, _ = self.post(features, proposals, image_list.image_sizes)
+            out = transform.postprocess(detections, image_list.image_sizes, sizes)
+            props = transform.postprocess([{"boxes": b} for b in proposals], image_list.image_sizes, sizes)
+            out = [{**o, "proposals": p["boxes"]} for o, p in zip(out, props)]
+        if flipped:  # boxes back into the unflipped image
+            for o, (_, w) in zip(out, sizes):
+                for k in ("boxes", "proposals"):
+                    if k in o:
+                        o[k] = torch.stack([w - o[k][:, 2], o[k][:, 1], w - o[k][:, 0], o[k][:, 3]], 1)
+        return out
 
 
 def after_nms(candidates, nms_thresh: float, detections_per_img: int) -> list[dict]:
@@ -631,7 +679,7 @@ def evaluate(args, env, model, val_set) -> dict:
     candidates before NMS are millions of boxes at COCO scale); the other ranks return {}."""
     model.to(env.device).eval()
     loader = build_loader(val_set, max(1, args.batch_size // env.world_size), train=False, workers=args.workers)
-    candidates, targets = predict(OnePass(model), loader, env.device, dst=0)
+    candidates, targets = predict(OnePass(model, args.test_scales, args.test_flip), loader, env.device, dst=0)
     if not is_main():
         return {}
     post = model if isinstance(model, RetinaNet) else model.roi_heads

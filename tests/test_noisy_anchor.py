@@ -540,3 +540,36 @@ def test_demo_tiny_writes_demo_json(tmp_path, monkeypatch):
         na.main(na.parse_args(argv))
     na.main(na.parse_args([*argv, "--resume", "auto"]))  # every stage reused
     assert json.loads((out / "demo.json").read_text())["claims"] == result["claims"]
+
+
+def test_multi_scale_and_flip_testing_is_the_union_of_the_views():
+    """Table 2.1's multi-scale testing: the candidates of every short side and of each flip (mapped
+    back), then one NMS; no extra scale and no flip is the plain pass."""
+    val = SyntheticDetection(1, 64, seed=5, transforms=detection_transforms(False))
+    images = [val[0][0]]
+
+    def mirror(boxes):
+        return torch.stack([64 - boxes[:, 2], boxes[:, 1], 64 - boxes[:, 0], boxes[:, 3]], 1)
+
+    for arch in ("retinanet", "faster_rcnn_fpn"):
+        torch.manual_seed(0)
+        model = na.build_model(tiny_args("--arch", arch), 8).eval()
+        post = model if arch == "retinanet" else model.roi_heads
+        post.score_thresh = 0.0
+        with torch.no_grad():
+            plain, = na.OnePass(model)(images)
+            same, = na.OnePass(model, [])(images)
+            union, = na.OnePass(model, [96], flip=True)(images)
+            flipped, = na.OnePass(model)([images[0].flip(-1)])
+            two, = na.OnePass(model, [96])(images)  # the views at 64 and 96 px
+            two_flipped, = na.OnePass(model, [96])([images[0].flip(-1)])
+        assert all(torch.equal(plain[k], same[k]) for k in plain)
+        n, m = len(plain["boxes"]), len(flipped["boxes"])
+        expected = torch.cat([plain["boxes"], mirror(flipped["boxes"]), two["boxes"][n:], mirror(two_flipped["boxes"][m:])])
+        assert torch.allclose(union["boxes"], expected, atol=1e-4)
+        assert torch.equal(union["scores"], torch.cat([plain["scores"], flipped["scores"], two["scores"][n:],
+                                                       two_flipped["scores"][m:]]))
+        assert ("proposals" in union) == (arch == "faster_rcnn_fpn")
+    assert model.transform.min_size == (64,) and post.nms_thresh == 0.5  # the model is untouched
+    args = na.parse_args(["--test-scales", "400", "500", "--test-flip"])
+    assert args.test_scales == [400, 500] and args.test_flip
