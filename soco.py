@@ -9,7 +9,8 @@ BYOL-style (online network + predictor against an EMA target network). Three sta
 
     proposals  Sec. 3.2  selective search + filter, once, offline       (stage_proposals)
     pretrain   Sec. 3-4.1  SoCo / SoCo* (the default stage)              (stage_pretrain)
-    finetune   Sec. 4.2  transfer into Faster R-CNN FPN (4conv1fc) / C4   (stage_finetune)
+    finetune   Sec. 4.2  transfer into Mask R-CNN FPN (4conv1fc) / C4    (stage_finetune)
+    export     the pre-trained weights under Detectron2's / MMDetection's names  (stage_export)
 
 Equations -> functions (pure, tensors in and out):
     Sec. 3.2 proposal filter (1/3 <= w/h <= 3, 0.3 <= sqrt(wh/WH) <= 0.8)   filter_proposals
@@ -27,6 +28,9 @@ CHOICE (the paper is silent):
 - K proposals are drawn (without replacement, padded by repeats) among those that overlap the
   region every crop shares (V2; also V3/V4 when they are independent crops) and clipped to each
   crop; if none overlaps, that shared region is the box (released code: the whole view).
+- V2 (and V4, and an independent V3) is cropped from the image itself and resized, as the release
+  does ("a random crop ... on V1" reads either way; a crop of the 224-px V1 would be up-sampled).
+  The crop scale is 0.5-1 (Sec. 3.2; the release's FPN) or, for `--arch c4`, the release's 0.6-1.
 - Box jitter is applied to V1's boxes only (released code); r is drawn per coordinate.
 - Without scale-aware assignment (`--no-scale-aware`, Tab. 4) a box goes to the level of the FPN
   paper's rule k = floor(4 + log2(sqrt(wh) / 224)), the one torchvision's detectors use.
@@ -41,14 +45,25 @@ CHOICE (the paper is silent):
   AP, difficult objects ignored, the 11-point metric, AP the mean over IoU 0.50:0.95;
   `common.evaluation.evaluation_metric` picks it from --det-data).
 - Level thresholds scale with `--view-size` / 224 (V1's side; one set of thresholds for every
-  view, so V3's boxes still drop a level), as does the blur kernel (23 px at 224, BYOL): a
-  small-view run (the demo's 112 px) keeps the paper's relative assignment.
+  view, so V3's boxes still drop a level), as do the blur's sigma (0.1-2.0 at 224, BYOL's and the
+  release's, the same in every view as the release's V3) and kernel (23 px): a small-view run (the
+  demo's 64 px) keeps the paper's relative assignment and blur.
+- In-box cutout (the release's RandomCutoutInBbox: per box with probability p a zeroed square of
+  0.1-0.3 of its area on V2/V3, after normalisation) is not in the paper and off by default; the
+  release's 100-epoch FPN and both C4 recipes use it: `--cutout-prob 0.5` (its 400-epoch FPN / FPN*
+  recipes do not).
+- Fine-tuning pools RoIs with aligned=True and pre-training's sampling ratio (`--roi-sampling-ratio`,
+  0 = adaptive: Detectron2's ROIAlignV2, the release's fine-tuning pooler; torchvision's detectors
+  pool with aligned=False), box and mask heads alike.
+- `--accum-steps n` accumulates n micro-batches per update: the paper's 2048 ran as 16 V100 x 128
+  (the release's per-GPU batch); on 8 GPUs `--accum-steps 2` keeps 128 per GPU (256 per GPU needs
+  about twice the activation memory, not measured here: no GPU). BN (SyncBN) then normalises over
+  8 x 128, not 2048.
 - Proposals are stored as whole pixels (uint16) without repeated boxes; `--ss-max-side` (off)
   runs selective search on a downscaled copy for speed.
 - SyncBN (Sec. 4.1) is used on more than one GPU; PyTorch has no SyncBN on the CPU, where a
   multi-process run keeps per-rank BN statistics.
-- The demo (`DEMO`, `run_demo`) shrinks everything to fit a few CPU minutes: ResNet-18, 112-px
-  views, 2 epochs over 256 synthetic images, and a 10%-labelled fine-tune of 60 steps.
+- The demo (`DEMO`, `run_demo`) shrinks everything to fit CPU minutes (its own CHOICE block).
 
 Released-code facts followed (IMPLEMENTATION_NOTES.md, SoCo): RoIAlign 7x7 aligned=True; head
 4 x (conv 3x3 256 + BN + ReLU) + fc 1024; projector 1024 -> 4096 (BN, ReLU) -> 256, predictor
@@ -61,8 +76,8 @@ neither weight decay nor adaptation (timm's Lars + its weight-decay groups); war
 DEVIATION (we differ from the paper or the released code):
 - The FPN has no normalisation (the released code and its detectron2 configs put (Sync)BN in the
   FPN): ours is torchvision's FPN, the one `common.detectors` builds, so every FPN tensor transfers.
-- Transfer goes into Faster R-CNN (box AP); the project's metrics have no mask AP, so the
-  Mask R-CNN mask AP of Tables 1-2, 8 is not reported.
+- Transfer goes into Mask R-CNN R50-FPN with the 4conv1fc head (Tab. 1-2; trained on COCO's masks),
+  but only its box AP is reported: the project's metrics have no mask AP (AP^mk of Tables 1-2, 8).
 - Selective search is OpenCV-contrib's implementation of Uijlings et al. (fast mode by default;
   `--ss-mode quality` for the slower one) instead of the released single-strategy Python port.
 - `--v3-crop independent` (off by default) reproduces the released code's independent 112 crop;
@@ -75,8 +90,11 @@ Full-scale commands (ImageNet-1k as /data/imagenet/train/<class>/*.JPEG, COCO 20
     torchrun --nproc_per_node 8 soco.py finetune --weights runs/soco/fpn_400ep/soco_weights.pth \\
         --det-data /data/coco --schedule 1x --out runs/soco/coco_1x             # --fraction 0.05: Tab. 8
     # R50-C4 (Tab. 2-3): --arch c4 for pretrain, --det-arch faster_rcnn_c4 --schedule voc for VOC
-CPU demo (synthetic images; proposals, short pre-training, low-data fine-tune vs random init):
-    python soco.py --demo
+    # the release's 100-epoch FPN / C4 recipes also add --cutout-prob 0.5; 8 GPUs: --accum-steps 2
+    python soco.py export --to detectron2 --weights runs/soco/fpn_400ep/soco_weights.pth --out soco_d2.pkl
+    python soco.py export --to mmdet --weights runs/soco/fpn_400ep/soco_weights.pth --out soco_mmdet.pth
+CPU demo (SoCo vs random init, and image-level BYOL, in low-data fine-tuning; writes OUT/demo.json):
+    python soco.py --demo --seed 0 --out runs/soco_demo
 Benchmark (selective search, the 1.28M-image proposal table, CPU pre-training throughput):
     python benchmarks/bench_soco.py
 """
@@ -87,6 +105,7 @@ import copy
 import hashlib
 import math
 import os
+import re
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -100,8 +119,9 @@ from torchvision import transforms as T
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.ops import roi_align
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -109,14 +129,16 @@ from tqdm import tqdm
 
 from common.data import (ImageFolderDataset, build_detection_dataset, build_loader, detection_transforms,
                          fraction_split, save_split, subset_by_ids)
+from common.demo import (DEMO_BOX_HEAD, DEMO_RECIPE, build_demo_detector, claim, evaluate_demo_detector,
+                         train_demo_detector, write_demo_result)
 from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
-from common.engine import JsonlLogger, build_scheduler, resolve_resume, save_checkpoint, train_detector
+from common.engine import JsonlLogger, build_scheduler, load_checkpoint, resolve_resume, save_checkpoint, train_detector
 from common.evaluation import evaluate_detector, evaluation_metric
 from common.table import RaggedTable
 
-STAGES = ("pretrain", "proposals", "finetune")
+STAGES = ("pretrain", "proposals", "finetune", "export")
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
 
 
@@ -127,8 +149,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SoCo", description="Selective Object COntrastive learning (SoCo, SoCo*)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("stage", nargs="?", default="pretrain", choices=STAGES,
-                   help="proposals (offline, once) -> pretrain (default) -> finetune")
-    p.add_argument("--demo", action="store_true", help="all stages on synthetic data, CPU, minutes")
+                   help="proposals (offline, once) -> pretrain (default) -> finetune, or export (for Detectron2 / MMDetection)")
+    p.add_argument("--demo", action="store_true",
+                   help="SoCo vs random init (and image-level BYOL) in low-data fine-tuning on synthetic data, CPU; "
+                        "writes --out/demo.json")
 
     h = p.add_argument_group("SoCo hyper-parameters (paper; defaults = the main setting)")
     h.add_argument("--arch", default="fpn", choices=("fpn", "c4"), help="SoCo-R50-FPN or SoCo-R50-C4, Sec. 4.1")
@@ -145,7 +169,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     h.add_argument("--view-size", type=int, default=224, help="V1 and V2 side, Sec. 3.2")
     h.add_argument("--v3-size", type=int, default=112, help="V3 side, Tab. 5(a)")
     h.add_argument("--v4-size", type=int, default=192, help="V4 side (SoCo*), Sec. 4.3")
-    h.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="V2 crop area range, Sec. 3.2")
+    h.add_argument("--crop-scale", type=float, nargs=2, default=None,
+                   help="V2 crop area range: default 0.5-1 (Sec. 3.2; release FPN) or 0.6-1 (release C4)")
+    h.add_argument("--cutout-prob", type=float, default=0.0,
+                   help="in-box cutout on V2/V3 per box (release's 100-epoch FPN and C4 recipes: 0.5; paper: none)")
+    h.add_argument("--cutout-ratio", type=float, nargs=2, default=(0.1, 0.3), help="cutout area / box area (release)")
     h.add_argument("--v3-crop", default="downsample", choices=("downsample", "independent"),
                    help="V3 = V2 downsampled (paper) or an independent crop (released code)")
     h.add_argument("--star", action="store_true", help="SoCo*: add V4, a crop of V1 resized to --v4-size")
@@ -158,6 +186,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="selective search boxes, random boxes (Tab. 5(c)), or the whole image (Tab. 4 row 1)")
     a.add_argument("--no-fpn", action="store_true", help="RoIAlign on C5 instead of P2-P5")
     a.add_argument("--no-head", action="store_true", help="average-pool RoIs instead of the R-CNN head")
+    a.add_argument("--box-head", default="4conv1fc", choices=("4conv1fc", "2mlp"),
+                   help="R-CNN head f^H: Mask R-CNN's 4conv1fc (Sec. 4.1) or two fc (the CPU demo's light head)")
+    a.add_argument("--box-head-dim", type=int, default=1024, help="width of the 2mlp head (torchvision's 1024)")
+    a.add_argument("--roi-sampling-ratio", type=int, default=0,
+                   help="RoIAlign samples per bin in pre-training and fine-tuning (0: adaptive, Detectron2's ROIAlignV2)")
     a.add_argument("--no-scale-aware", action="store_true", help="FPN paper's level rule instead of Sec. 3.3's")
     a.add_argument("--no-jitter", action="store_true", help="no box jitter")
     a.add_argument("--no-v3", action="store_true", help="drop V3 (Tab. 4 'multi view')")
@@ -173,7 +206,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("fine-tuning (Sec. 4.2)")
     f.add_argument("--weights", default="", help="soco_weights.pth of a pre-training run ('' = random init)")
     f.add_argument("--det-data", default="synthetic", help="'synthetic', a COCO root or VOC root(s)")
-    f.add_argument("--det-arch", default="faster_rcnn_fpn", choices=("faster_rcnn_fpn", "faster_rcnn_c4"))
+    f.add_argument("--det-arch", default="mask_rcnn_fpn", choices=("mask_rcnn_fpn", "faster_rcnn_fpn", "faster_rcnn_c4"),
+                   help="Mask R-CNN R50-FPN 4conv1fc (Tab. 1-2); Faster R-CNN R50-C4 for VOC (Tab. 3)")
     f.add_argument("--schedule", default="1x", choices=("1x", "2x", "voc"),
                    help="COCO 1x/2x (90k/180k it., x0.1 at 2/3, 8/9) or VOC (24k it., x0.1 at 3/4, 11/12)")
     f.add_argument("--det-iters", type=int, default=0, help="override the schedule's iterations")
@@ -192,13 +226,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--box-batch-per-image", type=int, default=512, help="sampled RoIs per image (detectron2's 512)")
     f.add_argument("--test-proposals", type=int, default=1000, help="RPN boxes kept per test image (detectron2's 1000)")
 
+    e = p.add_argument_group("export (the release's converters)")
+    e.add_argument("--to", default="detectron2", choices=("detectron2", "mmdet"),
+                   help="write --weights under Detectron2's (.pkl) or MMDetection's (.pth) key names to --out")
+
     g = p.add_argument_group("system")
     g.add_argument("--data", default="synthetic", help="'synthetic' or an ImageFolder root (its train/ is used)")
     g.add_argument("--synthetic-images", type=int, default=512, help="images of a synthetic set")
+    g.add_argument("--synthetic-mode", default="unlabeled", choices=("unlabeled", "object"),
+                   help="synthetic pre-training images: unlabelled scenes or object-centric images (ImageNet's role)")
     g.add_argument("--test-images", type=int, default=128, help="images of a synthetic test set (finetune)")
     g.add_argument("--image-size", type=int, default=128, help="side of synthetic images")
     g.add_argument("--out", default="runs/soco/pretrain", help="output folder")
     g.add_argument("--workers", type=int, default=8, help="data-loading workers per rank")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="gradient accumulation: micro-batches per update (2 on 8 GPUs = the release's 128 per GPU)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--amp", action="store_true",
                    help="mixed precision (Sec. 4.1 setting): float16 on CUDA, bfloat16 on the CPU")
@@ -244,11 +286,13 @@ class ObjectEncoder(nn.Module):
     Module names follow torchvision's detectors (`backbone.body`, `backbone.fpn`, `box_head`), so
     `transfer_state_dict` only prefixes `roi_heads.` to the head."""
 
-    def __init__(self, arch: str = "fpn", backbone: str = "resnet50", fpn: bool = True, head: bool = True,
-                 scale_aware: bool = True, view_size: int = 224):
+    def __init__(self, arch: str = "fpn", backbone: str = "resnet50", fpn: bool = True, head: str | bool = "4conv1fc",
+                 scale_aware: bool = True, view_size: int = 224, sampling_ratio: int = 0, head_dim: int = 1024):
         super().__init__()
         resnet = getattr(tv_resnet, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
         self.scale_aware, self.view_size = scale_aware, view_size  # V1's side: the level thresholds' scale
+        self.sampling_ratio = sampling_ratio  # RoIAlign samples per bin (0: adaptive, as ROIAlignV2)
+        head = "4conv1fc" if head is True else (head or "none")
         if arch == "c4":  # Sec. 3.3: RoIAlign on C4, the whole res5 as the head
             self.strides, self.roi_size = (16,), 14  # 14x14 -> res5 -> 7x7, as the C4 detector
             self.backbone = C4Backbone(resnet)
@@ -262,9 +306,12 @@ class ObjectEncoder(nn.Module):
         else:
             self.backbone = _Body(resnet)
             self.strides, channels = (32,), resnet.inplanes
-        if head:  # Mask R-CNN's 4conv1fc box head with BN
+        if head == "4conv1fc":  # Mask R-CNN's 4conv1fc box head with BN
             self.box_head = FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
             self.out_dim = 1024
+        elif head == "2mlp":  # torchvision's two-fc head (the CPU demo's, at its width)
+            self.box_head = TwoMLPHead(channels * 7 * 7, head_dim)
+            self.out_dim = head_dim
         else:
             self.box_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             self.out_dim = channels
@@ -290,8 +337,8 @@ class ObjectEncoder(nn.Module):
         for lvl, (feat, stride) in enumerate(zip(feats, self.strides)):
             idx = torch.nonzero(level == lvl).squeeze(1)
             if idx.numel():
-                out = roi_align(feat, rois[idx], self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0,
-                                aligned=True)
+                out = roi_align(feat, rois[idx], self.roi_size, spatial_scale=1.0 / stride,
+                                sampling_ratio=self.sampling_ratio, aligned=True)
                 pooled = pooled.index_copy(0, idx, out.to(pooled.dtype))
         h = self.box_head(pooled)  # Eq. (1)
         # a level that got no box in this batch still joins the graph (zero gradient), so DDP finds
@@ -303,10 +350,10 @@ class SoCo(nn.Module):
     """Online network (encoder + projector g_theta + predictor q_theta) and its EMA target
     (encoder + projector g_xi, no predictor), Eq. (2-4)."""
 
-    def __init__(self, arch="fpn", backbone="resnet50", fpn=True, head=True, scale_aware=True,
-                 proj_hidden=4096, proj_dim=256, view_size=224):
+    def __init__(self, arch="fpn", backbone="resnet50", fpn=True, head="4conv1fc", scale_aware=True,
+                 proj_hidden=4096, proj_dim=256, view_size=224, sampling_ratio=0, head_dim=1024):
         super().__init__()
-        encoder = ObjectEncoder(arch, backbone, fpn, head, scale_aware, view_size)
+        encoder = ObjectEncoder(arch, backbone, fpn, head, scale_aware, view_size, sampling_ratio, head_dim)
         self.online = nn.ModuleDict({"encoder": encoder, "projector": mlp(encoder.out_dim, proj_hidden, proj_dim)})
         self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
         self.target = copy.deepcopy(self.online)
@@ -340,6 +387,37 @@ def transfer_state_dict(model: SoCo) -> dict:
     for k, v in unwrap(model).online["encoder"].state_dict().items():
         out[("roi_heads." + k) if k.startswith("box_head.") else k] = v.detach().cpu().clone()
     return out
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (FPN level rule, canonical 224 at P4) with aligned=True, the
+    half-pixel-corrected RoIAlign that pre-training pools with (Detectron2's ROIAlignV2, the
+    release's fine-tuning pooler); torchvision's detectors pool with aligned=False."""
+
+    def forward(self, x, boxes, image_shapes):
+        feats = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(feats, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes) if len(feats) > 1 else torch.zeros(len(rois), dtype=torch.long)
+        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
+        for lvl, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.nonzero(levels.to(rois.device) == lvl).squeeze(1)
+            out[idx] = roi_align(feat, rois[idx], self.output_size, spatial_scale=scale,
+                                 sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
+        return out
+
+
+def align_roi_pooling(detector: nn.Module, sampling_ratio: int = 0) -> nn.Module:
+    """Swap a torchvision R-CNN's RoI poolers (box, and mask for Mask R-CNN) for aligned ones with
+    `sampling_ratio`, so the transferred head sees features pooled as in pre-training (Sec. 4.2)."""
+    heads = detector.roi_heads
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pool = getattr(heads, name, None)
+        if pool is not None:
+            setattr(heads, name, AlignedMultiScaleRoIAlign(pool.featmap_names, pool.output_size, sampling_ratio))
+    return detector
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,14 +517,15 @@ def final_proposals(raw: np.ndarray, width: int, height: int, min_side: float = 
 def build_image_source(args):
     """The unlabelled images, indexable: synthetic scenes or an ImageFolder's train/ (ImageNet)."""
     if args.data == "synthetic":
-        return SyntheticDetection(args.synthetic_images, args.image_size, mode="unlabeled", seed=args.seed)
+        return SyntheticDetection(args.synthetic_images, args.image_size, mode=args.synthetic_mode,
+                                  seed=args.seed)
     return ImageFolderDataset(Path(args.data) / "train")
 
 
 def source_fingerprint(source) -> str:
     """Ties a proposal table to the image list it was made from."""
     if isinstance(source, SyntheticDetection):
-        return f"synthetic:{len(source)}:{source.size}:{source.seed}"
+        return f"synthetic:{source.mode}:{len(source)}:{source.size}:{source.seed}"
     names = "\n".join(source.relpath(i) for i in range(len(source)))
     return "sha1:" + hashlib.sha1(names.encode()).hexdigest()
 
@@ -528,17 +607,40 @@ def stage_proposals(args) -> RaggedTable:
 # --------------------------------------------------------------------------------------------
 # Views and augmentation (Sec. 3.2)
 # --------------------------------------------------------------------------------------------
-def byol_augment(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
-    """BYOL's colour pipeline without its crop (the flip is done with the boxes)."""
-    kernel = max(3, int(round(0.1 * size)) // 2 * 2 + 1)  # 23 px at 224, as BYOL
+def blur_params(view_size: int) -> tuple[int, tuple[float, float]]:
+    """BYOL's Gaussian blur at 224 px (sigma 0.1-2.0, kernel 23 px), both scaled by view_size / 224
+    (V1's side, the same for every view: the release blurs its 112-px V3 with V2's sigma)."""
+    r = view_size / 224
+    return max(3, int(round(0.1 * view_size)) // 2 * 2 + 1), (0.1 * r, 2.0 * r)
+
+
+def byol_augment(view_size: int, blur_p: float, solarize_p: float) -> v2.Compose:
+    """BYOL's colour pipeline without its crop (the flip is done with the boxes); blur for V1's side."""
+    kernel, sigma = blur_params(view_size)
     return v2.Compose([
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=blur_p),
         v2.RandomSolarize(threshold=128, p=solarize_p),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     ])
+
+
+def cutout_in_boxes(img: torch.Tensor, boxes: torch.Tensor, prob: float, ratio=(0.1, 0.3)) -> torch.Tensor:
+    """The release's RandomCutoutInBbox on a normalised (3, S, S) view: each box, with probability
+    `prob`, gets a zeroed square of U(ratio) x its area centred on a random point inside it."""
+    out = img.clone()
+    S_h, S_w = img.shape[-2:]
+    for x1, y1, x2, y2 in boxes.tolist():
+        if torch.rand(1).item() >= prob:
+            continue
+        side = math.sqrt(float(torch.empty(1).uniform_(*ratio)) * (x2 - x1) * (y2 - y1))
+        cx, cy = x1 + torch.rand(1).item() * (x2 - x1), y1 + torch.rand(1).item() * (y2 - y1)
+        c1, r1 = max(0, int(round(cx - side / 2))), max(0, int(round(cy - side / 2)))
+        c2, r2 = min(S_w, int(round(cx + side / 2))), min(S_h, int(round(cy + side / 2)))
+        out[:, r1:r2, c1:c2] = 0.0  # the normalised image's mean colour
+    return out
 
 
 def random_proposals(width: int, height: int, k: int) -> np.ndarray:
@@ -550,13 +652,42 @@ def random_proposals(width: int, height: int, k: int) -> np.ndarray:
     return torch.stack([x1, y1, x1 + w, y1 + h], 1).numpy()
 
 
+def shared_region(crops: dict) -> tuple[torch.Tensor, bool]:
+    """x1 y1 x2 y2 of the region every crop (top, left, h, w) covers, and whether it is not empty."""
+    x1 = max(c[1] for c in crops.values())
+    y1 = max(c[0] for c in crops.values())
+    x2 = min(c[1] + c[3] for c in crops.values())
+    y2 = min(c[0] + c[2] for c in crops.values())
+    return torch.tensor([x1, y1, x2, y2], dtype=torch.float32), x2 - x1 >= 1 and y2 - y1 >= 1
+
+
+def select_proposals(props: torch.Tensor, region: torch.Tensor, k: int) -> torch.Tensor:
+    """K proposals (N, 4) drawn at random among those overlapping `region`, padded by repeats; the
+    region itself when none does (CHOICE)."""
+    x1, y1, x2, y2 = region.tolist()
+    inside = ((props[:, 0] < x2) & (props[:, 2] > x1) & (props[:, 1] < y2) & (props[:, 3] > y1)
+              & (props[:, 2] - props[:, 0] >= 1) & (props[:, 3] - props[:, 1] >= 1))
+    cand = props[inside] if inside.any() else region[None]
+    order = torch.randperm(len(cand))[:k]  # K random proposals per image per step
+    if len(order) < k:
+        order = torch.cat([order, torch.randint(len(cand), (k - len(order),))])
+    return cand[order]
+
+
+def clip_to_view(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Boxes clipped to a size x size view, at least one pixel wide and high."""
+    x1y1 = boxes[:, :2].clamp(0, size - 1)
+    return torch.cat([x1y1, torch.maximum(boxes[:, 2:].clamp(max=size), x1y1 + 1)], 1)
+
+
 class SoCoViews(Dataset):
     """Item i -> ([V1, V2, (V3), (V4)], [{"boxes": (K, 4)} per view]): the same K proposals in every view.
 
-    V1: the image resized to view x view. V2: a random crop of V1 (area scale [0.5, 1], aspect
-    3/4-4/3) resized to view. V3: V2 downsampled to v3-size (or an independent crop). V4 (SoCo*):
-    a crop of V1 resized to v4-size. Randomness comes from torch's generator, which
-    `common.data.SeededDataset` seeds per (seed, epoch, index)."""
+    V1: the image resized to view x view. V2: a random crop (area scale [0.5, 1], 0.6 for C4,
+    aspect 3/4-4/3) of the image resized to view x view (the release crops the raw image). V3: V2
+    downsampled to v3-size (or an independent crop). V4 (SoCo*): a crop resized to v4-size.
+    Randomness comes from torch's generator, which `common.data.SeededDataset` seeds per
+    (seed, epoch, index)."""
 
     def __init__(self, source, proposals: RaggedTable | None, args):
         if proposals is not None and len(proposals) != len(source):
@@ -564,11 +695,10 @@ class SoCoViews(Dataset):
         self.source, self.proposals, self.a = source, proposals, args
         self.k = 1 if args.proposals_kind == "whole" else args.num_proposals
         self.use_v3 = not args.no_v3 and args.arch != "c4"  # Sec. 3.3: C4 drops V3
-        S = args.view_size
+        self.crop_scale = crop_scale(args)
+        S = args.view_size  # blur follows V1's side in every view
         self.aug_v1 = byol_augment(S, blur_p=1.0, solarize_p=0.0)
-        self.aug_v2 = byol_augment(S, blur_p=0.1, solarize_p=0.2)
-        self.aug_v3 = byol_augment(args.v3_size, blur_p=0.1, solarize_p=0.2)
-        self.aug_v4 = byol_augment(args.v4_size, blur_p=0.1, solarize_p=0.2)
+        self.aug_v2 = self.aug_v3 = self.aug_v4 = byol_augment(S, blur_p=0.1, solarize_p=0.2)
 
     def __len__(self):
         return len(self.source)
@@ -585,8 +715,8 @@ class SoCoViews(Dataset):
             boxes = boxes * np.array([width / pw, height / ph, width / pw, height / ph], np.float32)
         return boxes
 
-    def _crop(self, v1):  # (top, left, h, w) in V1 pixels
-        return T.RandomResizedCrop.get_params(v1, scale=tuple(self.a.crop_scale), ratio=(3 / 4, 4 / 3))
+    def _crop(self, image):  # (top, left, h, w) in the image's pixels
+        return T.RandomResizedCrop.get_params(image, scale=self.crop_scale, ratio=(3 / 4, 4 / 3))
 
     @staticmethod
     def _flip(img, boxes, size):
@@ -597,63 +727,68 @@ class SoCoViews(Dataset):
 
     def __getitem__(self, i: int):
         out_images, out_boxes = [], []
-        for img, b, aug in self.geometry(i):  # each view randomly and independently augmented
+        for k, (img, b, aug) in enumerate(self.geometry(i)):  # each view randomly and independently augmented
             img, b = self._flip(img, b, img.shape[-1])
-            out_images.append(aug(img))
+            img = aug(img)
+            if k > 0 and self.a.cutout_prob > 0:  # the release: in-box cutout on V2, V3 (, V4)
+                img = cutout_in_boxes(img, b, self.a.cutout_prob, tuple(self.a.cutout_ratio))
+            out_images.append(img)
             out_boxes.append({"boxes": b})
         return out_images, out_boxes
 
+    def _crops(self, image) -> tuple[dict, torch.Tensor]:
+        """V2's crop (and V3's, V4's when they are independent crops) of the image, redrawn until
+        they share a region (independent crops may not); that region, in the image's pixels."""
+        for _ in range(10):
+            crops = {"v2": self._crop(image)}
+            if self.use_v3 and self.a.v3_crop == "independent":
+                crops["v3"] = self._crop(image)
+            if self.a.star:
+                crops["v4"] = self._crop(image)
+            region, ok = shared_region(crops)
+            if ok:
+                break
+        return crops, region
+
     def geometry(self, i: int) -> list:
-        """[(uint8 view, (K, 4) boxes in its pixels, its colour augmentation)] for V1, V2, (V3), (V4)."""
+        """[(uint8 view, (K, 4) boxes in its pixels, its colour augmentation)] for V1, V2, (V3), (V4),
+        step by step as Sec. 3.2 builds them."""
         a, S = self.a, self.a.view_size
         image = self.source[i][0]  # uint8 (3, H, W)
         H, W = image.shape[-2:]
-        props = torch.as_tensor(self._raw_boxes(i, W, H), dtype=torch.float32)
+        props = torch.as_tensor(self._raw_boxes(i, W, H), dtype=torch.float32)  # in image pixels
+        # "The input image is resized to 224x224 to obtain V1"
         v1 = TF.resize(image, [S, S], antialias=True)
-        props = props * torch.tensor([S / W, S / H, S / W, S / H])  # boxes follow every resize
-        crops = {}
-        for _ in range(10):  # crops that share a region (independent crops may not)
-            crops = {"v2": self._crop(v1)}
-            if self.use_v3 and a.v3_crop == "independent":
-                crops["v3"] = self._crop(v1)
-            if a.star:
-                crops["v4"] = self._crop(v1)
-            x1 = max(c[1] for c in crops.values())
-            y1 = max(c[0] for c in crops.values())
-            x2 = min(c[1] + c[3] for c in crops.values())
-            y2 = min(c[0] + c[2] for c in crops.values())
-            if x2 - x1 >= 1 and y2 - y1 >= 1:
-                break
-        shared = torch.tensor([x1, y1, x2, y2], dtype=torch.float32)
-        # proposals outside V2 (and the other crops) are dropped (Sec. 3.2)
-        inside = ((props[:, 0] < x2) & (props[:, 2] > x1) & (props[:, 1] < y2) & (props[:, 3] > y1)
-                  & (props[:, 2] - props[:, 0] >= 1) & (props[:, 3] - props[:, 1] >= 1))
-        cand = props[inside] if inside.any() else shared[None]
-        order = torch.randperm(len(cand))[: self.k]  # K random proposals per image per step
-        if len(order) < self.k:
-            order = torch.cat([order, torch.randint(len(cand), (self.k - len(order),))])
-        boxes = cand[order]  # (K, 4) in V1 pixels
-        b1 = boxes
-        if not a.no_jitter and a.proposals_kind != "whole":
-            b1 = jitter_boxes(boxes, a.jitter, a.jitter_prob)
-        x1y1 = b1[:, :2].clamp(0, S - 1)  # clipped to V1, at least one pixel wide
-        b1 = torch.cat([x1y1, torch.maximum(b1[:, 2:].clamp(max=S), x1y1 + 1)], 1)
-        c2 = crops["v2"]
-        v2_img = TF.resized_crop(v1, *c2, [S, S], antialias=True)
-        b2 = crop_boxes(boxes, c2, S)
-        views = [(v1, b1, self.aug_v1), (v2_img, b2, self.aug_v2)]
-        if self.use_v3:
+        to_v1 = torch.tensor([S / W, S / H, S / W, S / H])
+        # "a random crop with a scale range of [0.5, 1.0] ... in generating V2" (of the image, as the release)
+        crops, region = self._crops(image)
+        # "object proposals outside of V2 are dropped": K of those inside every crop
+        boxes = select_proposals(props, region, self.k)  # (K, 4) in image pixels
+        b1 = boxes * to_v1
+        if not a.no_jitter and a.proposals_kind != "whole":  # box jitter on V1's boxes (Sec. 3.2, release)
+            b1 = jitter_boxes(b1, a.jitter, a.jitter_prob)
+        views = [(v1, clip_to_view(b1, S), self.aug_v1)]
+        # "V2 is then resized to the same size as V1"
+        v2_img = TF.resized_crop(image, *crops["v2"], [S, S], antialias=True)
+        b2 = crop_boxes(boxes, crops["v2"], S)
+        views.append((v2_img, b2, self.aug_v2))
+        if self.use_v3:  # "we downsample V2 to a fixed size (e.g. 112x112) to produce V3"
             s3 = a.v3_size
-            if a.v3_crop == "downsample":  # Sec. 3.2: V3 is V2 downsampled
+            if a.v3_crop == "downsample":
                 views.append((TF.resize(v2_img, [s3, s3], antialias=True), b2 * (s3 / S), self.aug_v3))
-            else:
-                views.append((TF.resized_crop(v1, *crops["v3"], [s3, s3], antialias=True),
+            else:  # the release: an independent crop of the image
+                views.append((TF.resized_crop(image, *crops["v3"], [s3, s3], antialias=True),
                               crop_boxes(boxes, crops["v3"], s3), self.aug_v3))
-        if a.star:
+        if a.star:  # SoCo* (Sec. 4.3): V4, another crop, resized to 192
             s4 = a.v4_size
-            views.append((TF.resized_crop(v1, *crops["v4"], [s4, s4], antialias=True),
+            views.append((TF.resized_crop(image, *crops["v4"], [s4, s4], antialias=True),
                           crop_boxes(boxes, crops["v4"], s4), self.aug_v4))
         return views
+
+
+def crop_scale(args) -> tuple[float, float]:
+    """V2's crop area range: --crop-scale, else the release's 0.5-1 (FPN) or 0.6-1 (C4)."""
+    return tuple(args.crop_scale) if args.crop_scale else ((0.6, 1.0) if args.arch == "c4" else (0.5, 1.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,19 +818,24 @@ def stage_pretrain(args, env) -> Path:
         raise ValueError(f"proposal table {args.proposals} was made for {table.meta.get('source')}, "
                          f"not for --data {args.data} ({source_fingerprint(source)})")
     dataset = SoCoViews(source, table, args)
-    # --batch-size is the paper's global batch; per rank = batch / world; lr = base-lr x batch / 256
-    per_rank = args.batch_size // env.world_size
+    # --batch-size is the paper's global batch; per rank and micro-batch = batch / (world x accum-steps);
+    # lr = base-lr x batch / 256. Accumulated micro-batches keep the update, not BN's batch statistics.
+    if args.batch_size % (env.world_size * args.accum_steps):
+        raise ValueError(f"--batch-size {args.batch_size} does not split into {env.world_size} ranks x "
+                         f"--accum-steps {args.accum_steps} equal micro-batches")
+    per_rank = args.batch_size // (env.world_size * args.accum_steps)
     lr = args.base_lr * args.batch_size / 256
     loader = build_loader(dataset, per_rank, train=True, workers=args.workers, seed=args.seed,
                           collate_fn=default_collate, group_by_aspect_ratio=False)
-    model = SoCo(args.arch, args.backbone, fpn=not args.no_fpn, head=not args.no_head,
+    model = SoCo(args.arch, args.backbone, fpn=not args.no_fpn, head="none" if args.no_head else args.box_head,
                  scale_aware=not args.no_scale_aware, proj_hidden=args.proj_hidden, proj_dim=args.proj_dim,
-                 view_size=args.view_size)
+                 view_size=args.view_size, sampling_ratio=args.roi_sampling_ratio, head_dim=args.box_head_dim)
     # SyncBN on more than one GPU (Sec. 4.1); PyTorch has no SyncBN on the CPU, where BN stays per rank
     model = wrap_ddp(model, env, sync_bn=env.distributed and env.device.type == "cuda")
     optimizer = build_optimizer(unwrap(model), lr, args.weight_decay, args.lars_momentum, args.trust_coeff)
-    total = args.epochs * len(loader)
-    scheduler = build_scheduler(optimizer, total, warmup_steps=int(args.warmup_epochs * len(loader)),
+    steps_per_epoch = math.ceil(len(loader) / args.accum_steps)  # updates
+    total = args.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total, warmup_steps=int(args.warmup_epochs * steps_per_epoch),
                                 warmup_factor=0.01, schedule="cosine")
 
     def momentum_update(step: int) -> None:  # after each optimizer step; step counts finished steps
@@ -705,12 +845,13 @@ def stage_pretrain(args, env) -> Path:
         save_checkpoint(out / "soco_weights.pth", {"model": transfer_state_dict(model), "args": vars(args)})
 
     if is_main():
-        print(f"SoCo pre-training: {len(dataset)} images, {len(loader)} steps/epoch x {args.epochs} epochs, "
-              f"batch {args.batch_size} ({per_rank}/rank x {env.world_size}), lr {lr:g}, K={dataset.k}")
+        print(f"SoCo pre-training: {len(dataset)} images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
+              f"batch {args.batch_size} ({per_rank}/rank x {env.world_size} x {args.accum_steps} accumulated), "
+              f"lr {lr:g}, K={dataset.k}")
     train_detector(model, loader, optimizer, scheduler, epochs=args.epochs, out_dir=out, args=args,
                    loss_fn=soco_step, amp=args.amp, checkpoint_every=args.checkpoint_every,
                    resume=resolve_resume(args.resume, out), log_every=args.log_every, max_steps=args.max_steps,
-                   on_step_end=momentum_update, on_epoch_end=export, desc="soco")
+                   on_step_end=momentum_update, on_epoch_end=export, desc="soco", accumulate=args.accum_steps)
     export()
     barrier()
     return out / "soco_weights.pth"
@@ -721,6 +862,21 @@ def stage_pretrain(args, env) -> Path:
 # --------------------------------------------------------------------------------------------
 SCHEDULES = {"1x": (90000, (2 / 3, 8 / 9), 2.5e-5, 1000), "2x": (180000, (2 / 3, 8 / 9), 2.5e-5, 1000),
              "voc": (24000, (3 / 4, 11 / 12), 1e-4, 100)}
+
+
+DET_ARCHS = {"mask_rcnn_fpn": ("mask_rcnn", "4conv1fc"), "faster_rcnn_fpn": ("faster_rcnn_fpn", "4conv1fc"),
+             "faster_rcnn_c4": ("faster_rcnn_c4", "2mlp")}  # --det-arch -> (common.detectors arch, box head)
+
+
+def build_finetune_detector(args, num_classes: int) -> nn.Module:
+    """The Sec. 4.2 detector: Mask R-CNN R50-FPN with the 4conv1fc head (Tab. 1-2, 4-5, 8), or Faster
+    R-CNN (FPN, or C4 for VOC, Tab. 3), every layer trainable, RoIs pooled as in pre-training."""
+    arch, box_head = DET_ARCHS[args.det_arch]
+    model = build_detector(arch, num_classes, args.backbone, norm=args.det_norm, trainable_layers=5,
+                           min_size=args.det_test_size, max_size=args.det_max_size, box_head=box_head,
+                           anchor_sizes=args.anchor_sizes, box_batch_size_per_image=args.box_batch_per_image,
+                           rpn_post_nms_top_n_test=args.test_proposals)
+    return align_roi_pooling(model, args.roi_sampling_ratio)  # RoIAlign aligned=True, as in pre-training
 
 
 def stage_finetune(args, env) -> dict:
@@ -734,8 +890,12 @@ def stage_finetune(args, env) -> dict:
     train_split = args.train_split or ("trainval" if voc else "train2017")
     test_split = args.test_split or ("test" if voc else "val2017")
     synth = dict(num_images=args.synthetic_images, image_size=args.image_size, seed=args.seed)
+    masks = DET_ARCHS[args.det_arch][0] == "mask_rcnn"  # Mask R-CNN trains on the instance masks too
+    if masks and evaluation_metric(args.det_data.split(",")[0]) != "coco":
+        raise ValueError(f"--det-arch {args.det_arch} needs instance masks, which VOC ({args.det_data}) has none of: "
+                         f"fine-tune on VOC with --det-arch faster_rcnn_c4 (Tab. 3) or faster_rcnn_fpn")
     train_set = build_detection_dataset(args.det_data, train_split, detection_transforms(True, scales, args.det_max_size),
-                                        **synth, train=True)
+                                        **synth, train=True, masks=masks)
     if args.fraction < 1:  # Mini COCO (Tab. 8): a seeded fraction of the training images
         labelled, _ = fraction_split(train_set, args.fraction, args.seed)
         if is_main():
@@ -744,11 +904,7 @@ def stage_finetune(args, env) -> dict:
     test_data = args.det_data.split(",")[0]  # VOC07+12 trains on both, tests on VOC07
     test_set = build_detection_dataset(test_data, test_split, detection_transforms(False),
                                        **dict(synth, num_images=args.test_images))
-    box_head = "4conv1fc" if args.det_arch == "faster_rcnn_fpn" else "2mlp"
-    model = build_detector(args.det_arch, len(train_set.classes), args.backbone, norm=args.det_norm, trainable_layers=5,
-                           min_size=args.det_test_size, max_size=args.det_max_size, box_head=box_head,
-                           anchor_sizes=args.anchor_sizes, box_batch_size_per_image=args.box_batch_per_image,
-                           rpn_post_nms_top_n_test=args.test_proposals)
+    model = build_finetune_detector(args, len(train_set.classes))
     if args.weights:  # backbone, FPN and box head; the class-specific predictor stays random
         load_weights(model, args.weights, verbose=is_main())
     model = wrap_ddp(model, env)
@@ -773,49 +929,170 @@ def stage_finetune(args, env) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Demo: every stage on synthetic images, CPU, minutes
+# Export: the pre-trained backbone, FPN and box head under Detectron2's / MMDetection's names
 # --------------------------------------------------------------------------------------------
-# CHOICE (demo only, to fit a few CPU minutes): ResNet-18, 112-px views (V3 56 px, level thresholds
-# scaled with them), batch 32 for 2 epochs over 256 synthetic 128-px images; then Faster R-CNN
-# R18-FPN (4conv1fc head, BN) fine-tuned on 10% of 480 labelled scenes, the same steps from SoCo
-# and from random initialisation, 32 sampled RoIs per image, 100 test proposals.
-DEMO = dict(pre_images=256, epochs=2, batch_size=32, view_size=112, v3_size=56, ft_images=480, fraction=0.1,
-            det_iters=60, det_batch_size=4, test_images=96)
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        key, n = re.subn(pattern, repl, key)
+        if n:
+            return key
+    raise KeyError(key)
+
+
+def _resnet_rules(prefix_in: str, prefix_out: str, stages: str, last: str = "") -> list:
+    """torchvision ResNet names (conv1, bn1, layerN.b.convJ / bnJ / downsample.0-1) -> Detectron2's
+    (stem.conv1(.norm), resN+1.b.convJ(.norm), shortcut(.norm)); `last` names the res5 prefix of C4."""
+    p, q = re.escape(prefix_in), prefix_out
+    stage = f"(layer[{stages}])"
+    res = lambda m: f"res{int(m[1][-1]) + 1}"  # noqa: E731
+    rules = [(rf"^{p}conv1\.weight$", f"{q}stem.conv1.weight"), (rf"^{p}bn1\.(\w+)$", rf"{q}stem.conv1.norm.\1")]
+    for src, dst in ((r"conv(\d)\.weight", r"conv\3.weight"), (r"bn(\d)\.(\w+)", r"conv\3.norm.\4"),
+                     (r"downsample\.0\.weight", r"shortcut.weight"), (r"downsample\.1\.(\w+)", r"shortcut.norm.\3")):
+        rules.append((rf"^{p}{stage}\.(\d+)\.{src}$",
+                      lambda m, dst=dst: q + res(m) + "." + m.expand(r"\2." + dst)))
+    if last:
+        for src, dst in ((r"conv(\d)\.weight", r"conv\2.weight"), (r"bn(\d)\.(\w+)", r"conv\2.norm.\3"),
+                         (r"downsample\.0\.weight", r"shortcut.weight"), (r"downsample\.1\.(\w+)", r"shortcut.norm.\2")):
+            rules.append((rf"^roi_heads\.box_head\.layer4\.(\d+)\.{src}$", lambda m, dst=dst: last + m.expand(r"\1." + dst)))
+    return rules
+
+
+def detectron2_state_dict(sd: dict) -> dict:
+    """`transfer_state_dict`'s names -> Detectron2's: Mask / Faster R-CNN R50-FPN (backbone.bottom_up.*,
+    backbone.fpn_lateral2-5 / fpn_output2-5, roi_heads.box_head.conv1-4(.norm) + fc1; fc1-2 for 2mlp)
+    or R50-C4 (backbone.stem / res2-4, roi_heads.res5). What the release's convert_detectron2_Head.py /
+    _C4.py write, under the full model names (no matching heuristics needed); BN's num_batches_tracked
+    is left out, as in Detectron2's model zoo."""
+    c4 = any(k.startswith("roi_heads.box_head.layer4.") for k in sd)
+    if c4:
+        rules = _resnet_rules("backbone.body.", "backbone.", "123", last="roi_heads.res5.")
+    else:
+        rules = _resnet_rules("backbone.body.", "backbone.bottom_up.", "1234") + [
+            (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(weight|bias)$", lambda m: f"backbone.fpn_lateral{int(m[1]) + 2}.{m[2]}"),
+            (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(weight|bias)$", lambda m: f"backbone.fpn_output{int(m[1]) + 2}.{m[2]}"),
+            (r"^roi_heads\.box_head\.([0-3])\.0\.weight$", lambda m: f"roi_heads.box_head.conv{int(m[1]) + 1}.weight"),
+            (r"^roi_heads\.box_head\.([0-3])\.1\.(\w+)$", lambda m: f"roi_heads.box_head.conv{int(m[1]) + 1}.norm.{m[2]}"),
+            (r"^roi_heads\.box_head\.5\.(weight|bias)$", r"roi_heads.box_head.fc1.\1"),
+            (r"^roi_heads\.box_head\.fc([67])\.(weight|bias)$", lambda m: f"roi_heads.box_head.fc{int(m[1]) - 5}.{m[2]}")]
+    return {_rename(k, rules): v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+def mmdet_state_dict(sd: dict) -> dict:
+    """`transfer_state_dict`'s names -> MMDetection's: ResNet as backbone.* (its names are
+    torchvision's), FPN as neck.lateral_convs.i.conv / neck.fpn_convs.i.conv, the 4conv1fc head as
+    roi_head.bbox_head.shared_convs.i.conv / .bn + shared_fcs.0 (Shared4Conv1FCBBoxHead; 2mlp:
+    shared_fcs.0-1), C4's res5 as roi_head.shared_head.layer4.* (ResLayer): what the release's
+    convert_mmdetection_*.py write."""
+    rules = [(r"^backbone\.body\.(.*)$", r"backbone.\1"),
+             (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.(weight|bias)$", r"neck.lateral_convs.\1.conv.\2"),
+             (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.(weight|bias)$", r"neck.fpn_convs.\1.conv.\2"),
+             (r"^roi_heads\.box_head\.([0-3])\.0\.weight$", r"roi_head.bbox_head.shared_convs.\1.conv.weight"),
+             (r"^roi_heads\.box_head\.([0-3])\.1\.(\w+)$", r"roi_head.bbox_head.shared_convs.\1.bn.\2"),
+             (r"^roi_heads\.box_head\.5\.(weight|bias)$", r"roi_head.bbox_head.shared_fcs.0.\1"),
+             (r"^roi_heads\.box_head\.fc([67])\.(weight|bias)$", lambda m: f"roi_head.bbox_head.shared_fcs.{int(m[1]) - 6}.{m[2]}"),
+             (r"^roi_heads\.box_head\.layer4\.(.*)$", r"roi_head.shared_head.layer4.\1")]
+    return {_rename(k, rules): v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+def stage_export(args) -> Path:
+    """--weights (soco_weights.pth) -> --out: Detectron2 (pickle {"model": numpy arrays, "__author__",
+    "matching_heuristics": False}; config: RESNETS.STRIDE_IN_1X1 False, INPUT.FORMAT RGB, torchvision's
+    PIXEL_MEAN / STD, FPN.NORM "", ROI_BOX_HEAD 4 conv + 1 fc with NORM SyncBN, POOLER_TYPE ROIAlignV2,
+    as the release's configs) or MMDetection (torch.save {"state_dict", "meta"}; ResNet style pytorch)."""
+    import pickle
+
+    if not args.weights:
+        raise ValueError("export needs --weights (a soco_weights.pth written by pre-training)")
+    sd = load_checkpoint(args.weights)["model"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    if args.to == "detectron2":
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in detectron2_state_dict(sd).items()}, "__author__": "soco.py",
+                         "matching_heuristics": False}, f)
+    else:
+        torch.save({"state_dict": mmdet_state_dict(sd), "meta": {"source": str(args.weights)}}, tmp)
+    os.replace(tmp, out)
+    print(f"wrote {out} ({args.to} names) from {args.weights}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Demo: SoCo vs random init in low-data fine-tuning (Tab. 8's regime), synthetic images, CPU
+# --------------------------------------------------------------------------------------------
+# CHOICE (demo only, to fit a few CPU minutes; common.demo's recipe for the detector):
+# - pre-training data: object-centric synthetic 64-px images (the recipe's pre-training images,
+#   ImageNet's role), their selective-search proposals; views 64 / 32 px (V1, V2 / V3), level
+#   thresholds and blur scaled with them; ResNet-18 + FPN + the demo detector's light box head
+#   (two fc of 256, RoIAlign with one sample per bin) as f^H, so that every tensor of it transfers;
+#   projector / predictor 1024 -> 256.
+# - LARS at batch 32: lr = base-lr x 32 / 256 = 0.125 (the paper's linear rule) with the trust
+#   coefficient rescaled by 2048 / 32 (0.001 -> 0.064), so that an update moves each weight by
+#   lr x trust = 0.008 of its norm, as the paper's lr 8 x 0.001 does at batch 2048 (with the
+#   paper's trust coefficient, 0.125 x 0.001: the weights would not leave their random init).
+# - fine-tuning: Faster R-CNN R18-FPN of common.demo (the light head, RoIAlign aligned as in
+#   pre-training) on a 5% labelled split of 1,000 scenes (50 images), the recipe's AdamW and steps,
+#   from SoCo, from random init and from image-level BYOL (`--proposals-kind whole`, Tab. 4 row 1,
+#   the same pre-training budget); COCO AP on 300 held-out scenes.
+DEMO = dict(pre_images=640, epochs=5, batch_size=32, view_size=64, v3_size=32, trust_coeff=0.001 * 2048 / 32,
+            proj_hidden=1024, scenes=1000, fraction=0.05, ft_steps=150, test_scenes=300)
+
+
+def demo_pretrain(args, root: Path, kind: str, seed: int, env) -> Path:
+    """SoCo (or image-level BYOL for kind="whole") at the demo's budget, through stage_pretrain."""
+    d = DEMO
+    pre = argparse.Namespace(**dict(
+        vars(args), demo=False, data="synthetic", synthetic_images=d["pre_images"], image_size=64,
+        synthetic_mode="object", seed=seed, backbone="resnet18", workers=0, resume=args.resume, log_every=10,
+        checkpoint_every=0, max_steps=None, amp=False, device="cpu", proposals=str(root / "proposals"),
+        ss_workers=1, shard_size=64, out=str(root / f"pretrain_{kind}"), epochs=d["epochs"],
+        batch_size=d["batch_size"], warmup_epochs=1, view_size=d["view_size"], v3_size=d["v3_size"],
+        trust_coeff=d["trust_coeff"], proj_hidden=d["proj_hidden"], box_head="2mlp",
+        box_head_dim=DEMO_BOX_HEAD["representation_size"], roi_sampling_ratio=DEMO_BOX_HEAD["roi_sampling_ratio"],
+        proposals_kind=kind))
+    if kind == "selective_search":
+        stage_proposals(pre)
+    return stage_pretrain(pre, env)
 
 
 def run_demo(args, env) -> dict:
-    d = DEMO
+    """Pre-train SoCo and image-level BYOL on unlabelled images, fine-tune the demo detector from
+    each and from random init on 50 labelled scenes, write OUT/demo.json."""
+    d, s = DEMO, args.seed
     root = Path(args.out if args.out != get_args_parser().get_default("out") else "runs/soco_demo")
-    base = dict(vars(args), data="synthetic", image_size=128, seed=0, backbone="resnet18", workers=2, resume="",
-                log_every=10, checkpoint_every=0, max_steps=None, amp=False, device="cpu")
-    pre = argparse.Namespace(**dict(base, synthetic_images=d["pre_images"], proposals=str(root / "proposals"),
-                                    ss_workers=2, shard_size=32, out=str(root / "pretrain"), epochs=d["epochs"],
-                                    batch_size=d["batch_size"], warmup_epochs=1, view_size=d["view_size"],
-                                    v3_size=d["v3_size"]))
     t0 = time.perf_counter()
-    table = stage_proposals(pre)
-    t_prop = time.perf_counter() - t0
-    weights = stage_pretrain(pre, env)
-    t_pre = time.perf_counter() - t0 - t_prop
-    # the paper's LR is 0.02 at batch 16; the demo keeps 0.02 at its batch of 4 (det-lr is per 16 images)
-    ft = dict(base, det_data="synthetic", synthetic_images=d["ft_images"], fraction=d["fraction"],
-              det_iters=d["det_iters"], det_batch_size=d["det_batch_size"], det_lr=0.02 * 16 / d["det_batch_size"],
-              det_norm="bn", det_scales=[128], det_max_size=128, det_test_size=128, test_images=d["test_images"],
-              anchor_sizes=[16, 32, 64, 128, 256], box_batch_per_image=32, test_proposals=100, schedule="1x",
-              det_arch="faster_rcnn_fpn", det_weight_decay=None)
+    weights = {"SoCo": demo_pretrain(args, root, "selective_search", 1000 * s + 1, env)}
+    t_pre = time.perf_counter() - t0
+    weights["BYOL (whole image)"] = demo_pretrain(args, root, "whole", 1000 * s + 1, env)
+    size = DEMO_RECIPE["scene_size"]
+    scenes = SyntheticDetection(d["scenes"], size, mode="scenes", seed=1000 * s + 3)
+    test = SyntheticDetection(d["test_scenes"], size, mode="scenes", seed=1000 * s + 4)
+    labelled, _ = fraction_split(scenes, d["fraction"], seed=s)
+    train_set = subset_by_ids(scenes, labelled)
     results = {}
-    for name, w in (("random init", ""), ("SoCo", str(weights))):
-        run = argparse.Namespace(**dict(ft, weights=w, out=str(root / ("finetune_" + name.split()[0].lower()))))
-        results[name] = stage_finetune(run, env)
-    t_all = time.perf_counter() - t0
-    print(f"\nSoCo demo (synthetic, CPU; proposals {t_prop:.0f}s, pre-training {t_pre:.0f}s, total {t_all:.0f}s)")
-    print(f"proposals: {len(table)} images, {table.meta['num_boxes'] / len(table):.1f} boxes per image; "
-          f"pre-training: {d['epochs']} epochs x {d['pre_images']} images, {d['view_size']}-px views")
-    print(f"fine-tune: Faster R-CNN R18-FPN (4conv1fc), {results['SoCo']['train_images']} labelled images, "
-          f"{d['det_iters']} steps at batch {d['det_batch_size']} for both; {d['test_images']} test images")
-    print(f"{'init':<12} {'AP':>6} {'AP50':>6} {'AP75':>6}")
+    for name, w in (("random init", None), ("SoCo", weights["SoCo"]), ("BYOL (whole image)", weights["BYOL (whole image)"])):
+        torch.manual_seed(s)  # the same head / predictor init for every row
+        model = align_roi_pooling(build_demo_detector(len(scenes.classes)), DEMO_BOX_HEAD["roi_sampling_ratio"])
+        if w is not None:
+            load_weights(model, w, verbose=False)
+        wall = train_demo_detector(model, train_set, d["ft_steps"], seed=s)
+        m = evaluate_demo_detector(model, test)
+        results[name] = {"AP50": m["AP50"], "AP": m["AP"], "AP75": m["AP75"], "train_s": round(wall, 1)}
+        print(f"{name}: AP50 {m['AP50']:.3f} AP {m['AP']:.3f}")
+    wall = time.perf_counter() - t0
+    print(f"\nSoCo demo (seed {s}; SoCo pre-training {t_pre:.0f} s, total {wall:.0f} s): {d['pre_images']} "
+          f"object-centric images x {d['epochs']} epochs, then {len(train_set)} labelled scenes x {d['ft_steps']} steps")
+    print(f"{'init':<20} {'AP50':>6} {'AP':>6} {'AP75':>6}")
     for name, m in results.items():
-        print(f"{name:<12} {100 * m['AP']:6.1f} {100 * m['AP50']:6.1f} {100 * m['AP75']:6.1f}")
+        print(f"{name:<20} {100 * m['AP50']:6.1f} {100 * m['AP']:6.1f} {100 * m['AP75']:6.1f}")
+    claims = [claim("SoCo > random init in low-data fine-tuning", "AP50", ("SoCo", results["SoCo"]["AP50"]),
+                    ("random init", results["random init"]["AP50"]))]
+    tables = {"finetune": results, "labelled_images": len(train_set), "test_images": len(test),
+              "pretrain": {"images": d["pre_images"], "epochs": d["epochs"], "batch_size": d["batch_size"],
+                           "lr": args.base_lr * d["batch_size"] / 256, "trust_coeff": d["trust_coeff"],
+                           "wall_s": round(t_pre, 1)}}
+    write_demo_result(root, "soco.py", s, wall, claims, tables)
     return results
 
 
@@ -828,6 +1105,9 @@ def main(args) -> None:
         run_demo(args, env)
     elif args.stage == "proposals":
         stage_proposals(args)
+        return
+    elif args.stage == "export":
+        stage_export(args)
         return
     else:
         env = init_distributed(args.device)

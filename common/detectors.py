@@ -15,6 +15,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -171,6 +172,8 @@ def build_detector(arch: str, num_classes: int, backbone: str = "resnet50", norm
             if box_head == "4conv1fc":
                 extra["box_head"] = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=bn)
                 extra["box_predictor"] = FastRCNNPredictor(1024, num_classes + 1)
+                if arch == "mask_rcnn":  # num_classes goes to the constructor as None: the mask predictor too
+                    extra["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes + 1)
             elif box_head != "2mlp":
                 raise ValueError(f"unknown box head {box_head!r}; choose 2mlp or 4conv1fc")
             ctor = MaskRCNN if arch == "mask_rcnn" else FasterRCNN

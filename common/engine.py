@@ -5,6 +5,7 @@ statistics) in `extra_state`."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -195,7 +196,7 @@ def default_loss(model, images, targets) -> dict:
 def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir, args=None, loss_fn=None,
                    clip_grad: float = 0.0, amp: bool = False, checkpoint_every: int = 0, resume=None,
                    extra_state: dict | None = None, log_every: int = 20, max_steps: int | None = None,
-                   on_step_end=None, on_epoch_end=None, desc: str = "train"):
+                   on_step_end=None, on_epoch_end=None, desc: str = "train", accumulate: int = 1):
     """Train `model` (DDP-wrapped or not) for `epochs` epochs (or until `max_steps` iterations).
 
     Every step: loss_fn(model, images, targets) -> dict of loss terms, summed; terms are averaged
@@ -209,6 +210,9 @@ def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir,
     ends with the same weights as an uninterrupted one, and its log is cut back to the checkpoint's
     step. A fresh run refuses an `out_dir` holding an earlier run's log. Temporary files of a save
     that was killed are removed on start. Callbacks: on_step_end(step), on_epoch_end(epoch).
+    `accumulate` = n: gradient accumulation, one update (a step) every n loader batches (the last
+    group of an epoch may be shorter), each batch's loss divided by n, DDP's all-reduce only on the
+    last; the log shows the last batch's losses; checkpoints fall on updates.
     """
     loss_fn = loss_fn or default_loss
     extra_state = extra_state or {}
@@ -282,13 +286,19 @@ def train_detector(model, loader, optimizer, scheduler, *, epochs: int, out_dir,
             images = [im.to(device, non_blocking=True) for im in images]
             targets = _to_device(targets, device)
             t_step = time.perf_counter()
-            with autocast(device, amp):
-                losses = loss_fn(model, images, targets)
-            loss = sum(losses.values())
-            logged = reduce_dict({k: v.detach().float() for k, v in losses.items()})
-            check_finite(logged, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            update = (batch + 1) % accumulate == 0 or batch + 1 == len(loader)  # the last batch of a group
+            if batch % accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync():
+                with autocast(device, amp):
+                    losses = loss_fn(model, images, targets)
+                loss = sum(losses.values())
+                logged = reduce_dict({k: v.detach().float() for k, v in losses.items()})
+                check_finite(logged, step)
+                scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+            if not update:
+                bar.update()
+                continue
             if clip_grad > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)

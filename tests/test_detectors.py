@@ -141,3 +141,17 @@ def test_retinanet_p6_is_computed_from_c5(backbone):
         c5 = model.backbone.body(x)["2"]  # layer4's output
     assert torch.equal(seen["p6_in"], c5) and torch.equal(levels["p6"], seen["p6"])
     assert list(levels) == ["0", "1", "2", "p6", "p7"] and levels["p6"].shape[-1] == 1 and levels["p7"].shape[1] == 256
+
+
+def test_mask_rcnn_with_the_4conv1fc_head_builds_and_trains():
+    """Mask R-CNN with the 4conv1fc box head (SoCo's Tab. 1-2 detector) crashed: the mask predictor
+    was built for num_classes=None."""
+    model = build_detector("mask_rcnn", 3, "resnet18", norm="bn", trainable_layers=5, box_head="4conv1fc",
+                           min_size=64, max_size=64)
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4  # 3 classes + background
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 12:30] = 1
+    target = {"boxes": torch.tensor([[12.0, 10.0, 30.0, 40.0]]), "labels": torch.tensor([2]), "masks": masks}
+    losses = model([torch.rand(3, 64, 64)], [target])
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())

@@ -233,3 +233,39 @@ def test_sigkill_mid_epoch_with_workers_then_resume_is_exact(tmp_path, root):
     resumed = load_checkpoint(tmp_path / "cut" / "final.pth")["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full), (full, resumed)
     assert [l["step"] for l in _log(tmp_path / "cut" / "metrics.jsonl")] == list(range(1, 9))
+
+
+class _Points(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], {"y": self.y[i]}
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """accumulate=2 over batches of 2 makes the updates of batches of 4 (a mean loss, no BN)."""
+    def run(out, batch, accumulate):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = build_scheduler(opt, 4)
+
+        def mse(model, images, targets):
+            pred = model(torch.stack(images))[:, 0]
+            return {"mse": ((pred - torch.stack([t["y"] for t in targets])) ** 2).mean()}
+        loader = build_loader(_Points(), batch, True, workers=0, group_by_aspect_ratio=False)
+        train_detector(model, loader, opt, sched, epochs=2, out_dir=out, loss_fn=mse, log_every=1,
+                       accumulate=accumulate)
+        return model, [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full, steps_full = run(tmp_path / "a", 4, 1)
+    acc, steps_acc = run(tmp_path / "b", 2, 2)
+    assert steps_full == steps_acc == [1, 2, 3, 4]  # 2 updates per epoch either way
+    for x, y in zip(full.parameters(), acc.parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pth")["step"] == 4

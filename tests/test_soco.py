@@ -213,6 +213,78 @@ def test_v3_is_v2_downsampled_and_flip_moves_boxes_with_pixels(tmp_path):
         assert (out[0, :, x1:x2] == 255).all() and (out[0].sum() == 255 * 30)
 
 
+def test_v2_is_cropped_from_the_image_not_upsampled_from_v1(tmp_path, monkeypatch):
+    """The release crops V2 from the raw image: a 224-px crop of a 448-px image keeps its pixels
+    (cropped from the 224-px V1 it would be a 2x up-sampled 112-px patch)."""
+    S = 448
+    table = write_proposals(tmp_path, [np.array([[10, 10, 300, 300]], np.uint16)], [(S, S)])
+    rng = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, S, S), dtype=torch.uint8, generator=rng)
+    ds = soco.SoCoViews(_OneImage(img), table, parse("--view-size", 224, "--v3-size", 112, "--no-jitter"))
+    monkeypatch.setattr(ds, "_crop", lambda image: (0, 0, 224, 224))  # (top, left, h, w) in image pixels
+    (_, b1, _), (v2, b2, _), _ = ds.geometry(0)
+    assert torch.equal(v2, img[:, :224, :224])
+    assert torch.allclose(b1, torch.tensor([[5.0, 5.0, 150.0, 150.0]])) and torch.allclose(b2, torch.tensor([[10.0, 10.0, 224.0, 224.0]]))
+
+
+def test_c4_crops_at_the_releases_scale_and_blur_follows_the_view_size():
+    assert soco.crop_scale(parse("--arch", "c4")) == (0.6, 1.0) and soco.crop_scale(parse()) == (0.5, 1.0)
+    assert soco.crop_scale(parse("--arch", "c4", "--crop-scale", 0.3, 1)) == (0.3, 1.0)
+    assert soco.blur_params(224) == (23, (0.1, 2.0))  # BYOL's, the release's sigma
+    kernel, sigma = soco.blur_params(112)
+    assert kernel == 11 and sigma == pytest.approx((0.05, 1.0))
+
+    def blurs(aug):
+        return [t for t in aug.transforms if isinstance(t, soco.v2.RandomApply)
+                and isinstance(t.transforms[0], soco.v2.GaussianBlur)][0].transforms[0]
+    ds = soco.SoCoViews(_OneImage(_coordinate_image(64)), None, parse("--view-size", 112, "--v3-size", 56,
+                                                                      "--proposals-kind", "whole"))
+    for aug in (ds.aug_v1, ds.aug_v2, ds.aug_v3):  # V3 (56 px) keeps V1's blur, as the release's 112-px V3
+        assert list(blurs(aug).sigma) == pytest.approx([0.05, 1.0]) and blurs(aug).kernel_size == (11, 11)
+
+
+def test_cutout_in_boxes_zeroes_a_square_inside_each_box():
+    torch.manual_seed(0)
+    img = torch.ones(3, 100, 100)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 90.0, 80.0]])
+    out = soco.cutout_in_boxes(img, boxes, prob=1.0, ratio=(0.1, 0.3))
+    assert torch.equal(img, torch.ones(3, 100, 100))  # the input stays
+    zero = (out == 0).all(0)
+    assert zero.any()
+    ys, xs = torch.nonzero(zero, as_tuple=True)
+    area = [int(zero[:55, :55].sum()), int(zero[55:, 55:].sum())]
+    assert 0.05 * 1600 <= area[0] <= 0.4 * 1600 and 0.05 * 600 <= area[1] <= 0.4 * 600
+    assert torch.equal(soco.cutout_in_boxes(img, boxes, prob=0.0), img)
+    # the views dataset applies it to V2 / V3 (never V1) when --cutout-prob is set
+    args = parse("--view-size", 64, "--v3-size", 32, "--proposals-kind", "whole", "--cutout-prob", 1.0)
+    ds = soco.SoCoViews(_OneImage(torch.full((3, 64, 64), 200, dtype=torch.uint8)), None, args)
+    torch.manual_seed(1)
+    views, _ = ds[0]
+    assert not (views[0] == 0).all(0).any() and (views[1] == 0).all(0).any() and (views[2] == 0).all(0).any()
+
+
+def test_finetune_pools_rois_as_pretraining_does():
+    """Fine-tuning's RoIAlign is pre-training's (aligned=True, same sampling), so the transferred head
+    sees the features it was trained on; torchvision's default pooler is aligned=False."""
+    from collections import OrderedDict
+    from torchvision.ops import roi_align
+
+    args = parse("finetune", "--backbone", "resnet18", "--det-arch", "faster_rcnn_fpn")
+    det = soco.build_finetune_detector(args, 3)
+    feats = OrderedDict((str(k), torch.randn(1, 8, 64 // 2 ** k, 64 // 2 ** k)) for k in range(4))
+    feats["pool"] = torch.randn(1, 8, 4, 4)
+    box = torch.tensor([[3.3, 5.1, 20.7, 17.9]])  # small: pooled from P2 (stride 4)
+    got = det.roi_heads.box_roi_pool(feats, [box], [(256, 256)])
+    want = roi_align(feats["0"], [box], 7, spatial_scale=0.25, sampling_ratio=0, aligned=True)
+    assert torch.allclose(got, want, atol=1e-6)
+    big = torch.tensor([[0.0, 0.0, 250.0, 250.0]])  # FPN's rule, k = floor(4 + log2(250 / 224)): P4
+    assert torch.allclose(det.roi_heads.box_roi_pool(feats, [big], [(256, 256)]),
+                          roi_align(feats["2"], [big], 7, spatial_scale=1 / 16, sampling_ratio=0, aligned=True), atol=1e-6)
+    mask = soco.build_finetune_detector(parse("finetune", "--backbone", "resnet18"), 3)  # Mask R-CNN, 4conv1fc
+    assert type(mask).__name__ == "MaskRCNN" and isinstance(mask.roi_heads.mask_roi_pool, soco.AlignedMultiScaleRoIAlign)
+    assert any(k.startswith("roi_heads.box_head.0.0.") for k in mask.state_dict())  # conv head, not TwoMLPHead
+
+
 def test_box_jitter_moves_about_half_the_boxes_by_at_most_ten_percent():
     torch.manual_seed(0)
     boxes = torch.tensor([[100.0, 100.0, 200.0, 150.0]]).repeat(4000, 1)
@@ -282,6 +354,97 @@ def test_encoder_pools_each_box_from_its_level():
         assert torch.allclose(h[i], ref.mean((2, 3))[0], atol=1e-5)
 
 
+# --- export (Detectron2 / MMDetection) -------------------------------------------------------------
+def _r50_blocks():
+    """(stage 2-5, block, in, width, out) of ResNet-50's bottlenecks."""
+    for s, n in zip(range(2, 6), (3, 4, 6, 3)):
+        w = 64 * 2 ** (s - 2)
+        for b in range(n):
+            yield s, b, (64 if s == 2 else 2 * w) if b == 0 else 4 * w, w, 4 * w
+
+
+def _norm(prefix, c):
+    return {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")}
+
+
+def detectron2_r50_fpn_layout():
+    """Detectron2's R50-FPN Mask R-CNN key names and shapes (ResNet BottleneckBlock convK + .norm,
+    shortcut; FPN fpn_lateralN / fpn_outputN with bias (FPN.NORM ""); FastRCNNConvFCHead conv1-4 with
+    norm, no bias, then fc1 of 1024) for the tensors SoCo pre-trains."""
+    out = {"backbone.bottom_up.stem.conv1.weight": (64, 3, 7, 7), **_norm("backbone.bottom_up.stem.conv1.norm", 64)}
+    for s, b, cin, w, cout in _r50_blocks():
+        p = f"backbone.bottom_up.res{s}.{b}"
+        for j, shape in ((1, (w, cin, 1, 1)), (2, (w, w, 3, 3)), (3, (cout, w, 1, 1))):
+            out[f"{p}.conv{j}.weight"] = shape
+            out.update(_norm(f"{p}.conv{j}.norm", shape[0]))
+        if b == 0:
+            out[f"{p}.shortcut.weight"] = (cout, cin, 1, 1)
+            out.update(_norm(f"{p}.shortcut.norm", cout))
+    for s, c in zip(range(2, 6), (256, 512, 1024, 2048)):
+        out.update({f"backbone.fpn_lateral{s}.weight": (256, c, 1, 1), f"backbone.fpn_lateral{s}.bias": (256,),
+                    f"backbone.fpn_output{s}.weight": (256, 256, 3, 3), f"backbone.fpn_output{s}.bias": (256,)})
+    for i in range(1, 5):
+        out[f"roi_heads.box_head.conv{i}.weight"] = (256, 256, 3, 3)
+        out.update(_norm(f"roi_heads.box_head.conv{i}.norm", 256))
+    out.update({"roi_heads.box_head.fc1.weight": (1024, 256 * 7 * 7), "roi_heads.box_head.fc1.bias": (1024,)})
+    return out
+
+
+def mmdet_r50_fpn_layout():
+    """MMDetection's: ResNet (style pytorch) conv1 / bn1 / layerN.b.convJ / bnJ / downsample.0-1; FPN
+    neck.lateral_convs.i.conv / neck.fpn_convs.i.conv (ConvModule, bias); Shared4Conv1FCBBoxHead
+    shared_convs.i.conv (no bias) + .bn, shared_fcs.0."""
+    out = {"backbone.conv1.weight": (64, 3, 7, 7), **_norm("backbone.bn1", 64)}
+    for s, b, cin, w, cout in _r50_blocks():
+        p = f"backbone.layer{s - 1}.{b}"
+        for j, shape in ((1, (w, cin, 1, 1)), (2, (w, w, 3, 3)), (3, (cout, w, 1, 1))):
+            out[f"{p}.conv{j}.weight"] = shape
+            out.update(_norm(f"{p}.bn{j}", shape[0]))
+        if b == 0:
+            out[f"{p}.downsample.0.weight"] = (cout, cin, 1, 1)
+            out.update(_norm(f"{p}.downsample.1", cout))
+    for i, c in enumerate((256, 512, 1024, 2048)):
+        out.update({f"neck.lateral_convs.{i}.conv.weight": (256, c, 1, 1), f"neck.lateral_convs.{i}.conv.bias": (256,),
+                    f"neck.fpn_convs.{i}.conv.weight": (256, 256, 3, 3), f"neck.fpn_convs.{i}.conv.bias": (256,)})
+    for i in range(4):
+        out[f"roi_head.bbox_head.shared_convs.{i}.conv.weight"] = (256, 256, 3, 3)
+        out.update(_norm(f"roi_head.bbox_head.shared_convs.{i}.bn", 256))
+    out.update({"roi_head.bbox_head.shared_fcs.0.weight": (1024, 256 * 7 * 7), "roi_head.bbox_head.shared_fcs.0.bias": (1024,)})
+    return out
+
+
+def test_export_writes_detectron2_and_mmdetection_layouts(tmp_path):
+    model = soco.SoCo("fpn", "resnet50", proj_hidden=32)
+    weights = tmp_path / "soco_weights.pth"
+    torch.save({"model": soco.transfer_state_dict(model)}, weights)
+    d2 = soco.stage_export(parse("export", "--to", "detectron2", "--weights", weights, "--out", tmp_path / "d2.pkl"))
+    with open(d2, "rb") as f:
+        blob = pickle.load(f)
+    assert blob["matching_heuristics"] is False and isinstance(blob["__author__"], str)
+    assert {k: tuple(v.shape) for k, v in blob["model"].items()} == detectron2_r50_fpn_layout()
+    assert isinstance(blob["model"]["backbone.fpn_lateral2.weight"], np.ndarray)
+    enc = model.online["encoder"].state_dict()
+    assert np.array_equal(blob["model"]["backbone.bottom_up.res4.5.conv2.norm.running_var"],
+                          enc["backbone.body.layer3.5.bn2.running_var"].numpy())
+    assert np.array_equal(blob["model"]["roi_heads.box_head.conv3.weight"], enc["box_head.2.0.weight"].numpy())
+    mm = soco.stage_export(parse("export", "--to", "mmdet", "--weights", weights, "--out", tmp_path / "mm.pth"))
+    state = torch.load(mm, weights_only=True)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in state.items()} == mmdet_r50_fpn_layout()
+    assert torch.equal(state["neck.fpn_convs.3.conv.weight"], enc["backbone.fpn.layer_blocks.3.0.weight"])
+    assert torch.equal(state["roi_head.bbox_head.shared_fcs.0.weight"], enc["box_head.5.weight"])
+    # C4: Detectron2's backbone.stem / res2-4 and roi_heads.res5; MMDetection's roi_head.shared_head.layer4
+    c4 = soco.transfer_state_dict(soco.SoCo("c4", "resnet50", proj_hidden=32))
+    names = set(soco.detectron2_state_dict(c4))
+    want = {k.replace("backbone.bottom_up.", "backbone.").replace("backbone.res5.", "roi_heads.res5.")
+            for k in detectron2_r50_fpn_layout() if k.startswith("backbone.bottom_up.")}
+    assert names == want
+    mm4 = set(soco.mmdet_state_dict(c4))
+    assert mm4 == {k.replace("backbone.layer4.", "roi_head.shared_head.layer4.") for k in mmdet_r50_fpn_layout()
+                   if k.startswith("backbone.")}
+    with pytest.raises(ValueError, match="--weights"):
+        soco.stage_export(parse("export", "--out", tmp_path / "x.pkl"))
+
+
 # --- smoke runs -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def proposals(tmp_path_factory):
@@ -338,19 +501,26 @@ def test_finetune_from_soco_weights(tmp_path, proposals):
     assert (tmp_path / "ft" / "split.json").is_file()
 
 
-def test_demo_runs_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(soco, "DEMO", dict(pre_images=8, epochs=1, batch_size=4, view_size=64, v3_size=32,
-                                           ft_images=20, fraction=0.2, det_iters=2, det_batch_size=2, test_images=4))
-    args = parse("--demo", "--out", tmp_path, "--proj-hidden", 64)
-    results = soco.run_demo(args, init_distributed("cpu"))
-    assert set(results) == {"random init", "SoCo"}
+def test_demo_runs_end_to_end_and_writes_demo_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(soco, "DEMO", dict(soco.DEMO, pre_images=8, epochs=1, batch_size=4, scenes=40, fraction=0.25,
+                                           ft_steps=8, test_scenes=4, proj_hidden=32))
+    results = soco.run_demo(parse("--demo", "--seed", 3, "--out", tmp_path), init_distributed("cpu"))
+    assert set(results) == {"random init", "SoCo", "BYOL (whole image)"}
+    obj = json.loads((tmp_path / "demo.json").read_text())
+    assert obj["script"] == "soco.py" and obj["seed"] == 3
+    c = obj["claims"][0]
+    assert (c["metric"], c["better"]["name"], c["worse"]["name"]) == ("AP50", "SoCo", "random init")
+    assert c["better"]["value"] == results["SoCo"]["AP50"] and obj["tables"]["labelled_images"] == 10
+    w = load_checkpoint(tmp_path / "pretrain_selective_search" / "soco_weights.pth")["model"]
+    assert "roi_heads.box_head.fc6.weight" in w  # the demo detector's head is pre-trained and transferred
     assert parse("--demo").demo and parse().stage == "pretrain" and parse().epochs == 100
 
 
 def test_cli_defaults_are_the_papers():
     a = parse()
     assert (a.batch_size, a.base_lr, a.weight_decay, a.warmup_epochs, a.tau) == (2048, 1.0, 1e-5, 10, 0.99)
-    assert (a.num_proposals, a.view_size, a.v3_size, a.v4_size, tuple(a.crop_scale)) == (4, 224, 112, 192, (0.5, 1.0))
+    assert (a.num_proposals, a.view_size, a.v3_size, a.v4_size, soco.crop_scale(a)) == (4, 224, 112, 192, (0.5, 1.0))
+    assert a.det_arch == "mask_rcnn_fpn" and a.cutout_prob == 0.0  # Tab. 1-2's detector; the paper has no cutout
     assert (a.jitter, a.jitter_prob, a.proj_hidden, a.proj_dim, a.arch) == (0.1, 0.5, 4096, 256, "fpn")
     assert not (a.star or a.no_fpn or a.no_head or a.no_scale_aware or a.no_jitter or a.no_v3)
     assert a.proposals_kind == "selective_search" and a.ss_mode == "fast" and a.v3_crop == "downsample"
@@ -385,3 +555,13 @@ def test_views_dataset_pickles_without_the_proposal_arrays(tmp_path):
     blob = pickle.dumps(ds)
     assert len(blob) < 20_000, len(blob)  # the boxes alone are 80 KB
     assert pickle.loads(blob).proposals[5]["boxes"].tolist() == boxes[5].tolist()
+
+
+def test_pretrain_accumulates_gradients_to_the_global_batch(tmp_path, proposals, capsys):
+    env = init_distributed("cpu")
+    soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--accum-steps", 2, "--epochs", 1, "--out", tmp_path), env)
+    out = capsys.readouterr().out
+    assert "2 steps/epoch" in out and "2/rank x 1 x 2 accumulated" in out
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 2  # 8 images: 4 micro-batches of 2, 2 updates of 4
+    with pytest.raises(ValueError, match="--accum-steps 3"):
+        soco.stage_pretrain(parse(*TINY, "--proposals", proposals, "--accum-steps", 3, "--out", tmp_path / "x"), env)
