@@ -12,7 +12,8 @@ r, a non-linear function of the same two numbers normalised to mean 1, re-weight
 classification and regression losses. Nothing changes at test time.
 
 Equations -> code
-- Eq. 2.1  focal-weighted BCE(p, t)          -> `focal_bce` (w_p = alpha_f (1-p)^gamma_f, w_n = (1-alpha_f) p^gamma_f)
+- Eq. 2.1  focal-weighted BCE(p, t)          -> `focal_bce` (w_p = alpha_f (1-p)^gamma_f, w_n = (1-alpha_f) p^gamma_f);
+                                                with a soft t: `soft_focal_loss` (--soft-focal)
 - Eq. 2.2  IoU-threshold labels (baseline)    -> torchvision's `Matcher` (RetinaNet 0.5 / 0.4, RPN 0.7 / 0.3)
 - Alg. 1 lines 1-6  A_pos = top-N per GT      -> `topn_assign` (used through `TopNMatcher`)
 - Eq. 2.3  c = alpha loc_a + (1-alpha) cls_c  -> `cleanliness`; loc_a from `paired_iou` of the decoded box
@@ -28,10 +29,15 @@ CHOICE: both RetinaNet losses are normalised per image by |A_pos| of that image 
   images (torchvision's RetinaNet normalisation); r is normalised to mean 1 over each image's
   positives, so that the r-weighted sums keep the same scale. With soft labels the normaliser is
   still the count |A_pos|, not the sum of c.
-CHOICE: Eq. 2.1 is used as written: the focal weights stay on their own terms,
-  -c alpha_f (1-p)^gamma_f log p - (1-c)(1-alpha_f) p^gamma_f log(1-p), with RetinaNet's
-  alpha_f = 0.25, gamma_f = 2. For hard labels this is torchvision's `sigmoid_focal_loss`
-  exactly; for soft labels it differs from that op's blended (1 - p_t)^gamma form.
+CHOICE: Eq. 2.1 is used as written (`--soft-focal literal`, the default): the focal weights stay on
+  their own terms, -c alpha_f (1-p)^gamma_f log p - (1-c)(1-alpha_f) p^gamma_f log(1-p), with
+  RetinaNet's alpha_f = 0.25, gamma_f = 2. For hard labels this is torchvision's `sigmoid_focal_loss`
+  exactly. For a soft target its per-element minimum lies far below c (c = 0.3 / 0.5 / 0.7 / 0.9 ->
+  p* = 0.33 / 0.40 / 0.48 / 0.60), so the positives' confidences settle well under c and under the
+  0.78-0.92 of Table 2.7. The alternatives: `--soft-focal blended`, torchvision's op on soft targets
+  (alpha_t (1-p_t)^gamma BCE, p_t = p c + (1-p)(1-c); p* = 0.12 / 0.50 / 0.88 / 0.99), and
+  `--soft-focal qfl`, GFL's Quality Focal Loss |c-p|^gamma BCE(p, c) without alpha (p* = c). The demo
+  measures each form's Table 2.7 (results/noisy_anchor.md).
 CHOICE: multi-class sigmoid: a positive's soft label c sits on its ground-truth class column, every
   other column is 0; r multiplies the anchor's whole row (all classes) and its regression loss.
 CHOICE: f(x) = 1 / (1 - x) is evaluated on loc_a and cls_c clamped to at most 1 - 1e-3 (f <= 1000)
@@ -54,15 +60,34 @@ CHOICE: Table 2.7's "before NMS" predictions are every candidate that enters the
   (score > 0.05, top 1000 per level for RetinaNet); "after NMS" are the final detections
   (torchvision's caps: 300 per image for RetinaNet, 100 for Faster R-CNN). The top 2 % by
   confidence are pooled over the whole evaluation set; a prediction's IoU is its best IoU with a
-  ground truth of its predicted class (0 when none).
+  ground truth of its predicted class (0 when none). The validation set is predicted once: `OnePass`
+  returns the candidates (and a Faster R-CNN's proposals), gathered on rank 0 only, and the detector's
+  own NMS and cap are applied to them afterwards (`after_nms`, the same output as the model's).
 CHOICE: LR warm-up of 500 iterations from 1/3 (Detectron's RetinaNet; the paper is silent).
+CHOICE: `--batch-size` is the global batch and must divide over the processes. The schedule follows
+  it as Detectron2's reference world size does: LR x B/8, the 1x (180k) or 1.5x (270k, Table 2.1)
+  iterations, the LR drops (2/3 and 8/9 of them) and the warm-up x 8/B (`schedule`); `--iters N`
+  runs exactly N iterations.
+CHOICE: Table 2.5 as the paper does it: the RPN trained alone first (`--rpn-only`: the box head
+  frozen and out of the loss); Table 2.6 is the end-to-end run without it.
 CHOICE: a VOC validation set is scored as Detectron2's PascalVOCDetectionEvaluator does (devkit AP,
   difficult objects ignored, the 11-point metric on VOC2007, AP the mean over IoU 0.50:0.95;
   `common.evaluation`), COCO by COCOeval; APs / APm / APl exist on COCO only.
-DEVIATION: none in the method. The CPU demo trains from scratch (no ImageNet weights offline) on
-  64 px synthetic scenes for 400 iterations with LR 0.01 and gradient clipping at 10 (LR 0.02
-  without clipping diverged for the baseline); its numbers show the pipeline, not the paper's gains
-  (results/noisy_anchor.md).
+DEVIATION: none in the method. The CPU demo (`demo`) runs common.demo's recipe (AdamW, one-cycle LR,
+  64 px synthetic scenes, ResNet-18 from scratch with trainable BN, anchors 16-256 on P3-P7) with two
+  convs per head branch instead of RetinaNet's four (half the head's cost on a CPU). N is scaled to
+  the anchors an object gets there: N = 30 x (mean anchors with IoU >= 0.5 per box in the demo's
+  training scenes, ~6.2) / (the same for COCO's size mix at 800 px, 16.4; `COCO_ANCHORS_PER_GT`)
+  = 11. Both arms start from one shared warm-up of the baseline, so that cls_c and loc_a mean
+  something (the paper starts from ImageNet weights), then train the same further steps on the same
+  batches.
+CHOICE: multi-scale testing (Table 2.1, `--test-scales 400 500 600 700 900 1000 1100 1200 --test-flip`)
+  as Detectron's bbox test augmentation with its union heuristic: the candidates of the test scale
+  (--min-size 800), of each extra short side and of every horizontal flip are pooled, then one NMS
+  and the per-image cap; the long-side cap scales with the short side (1333 / 800).
+NOT IMPLEMENTED (Table 2.1): a COCO test-dev results writer (detections_test-dev2017_*_results.json for
+  the evaluation server; common's COCO loader also refuses an image-info file without annotations);
+  AP on a labelled split is what this script reports.
 
 Full scale (COCO trainval35k / minival, 1x schedule of Sec. 2.5.1, global batch 8 on 4+ GPUs):
   torchrun --nproc_per_node 4 noisy_anchor.py --data /data/coco --train-split train2017 \
@@ -70,17 +95,20 @@ Full scale (COCO trainval35k / minival, 1x schedule of Sec. 2.5.1, global batch 
   baseline:  add --baseline (IoU 0.5 / 0.4 labels, hard labels, no re-weighting)
   Table 2.3: --no-soft-labels / --no-reweight;  Table 2.4: --gamma, --topn, --alpha
   Table 2.2: --backbone resnet101 | resnext101_32x8d;  multi-scale: --train-scales 640 672 704 736 768 800
-  Tables 2.5-2.6 (RPN of Faster R-CNN FPN, LR 0.01 by default): --arch faster_rcnn_fpn
+  Table 2.1: --schedule 1.5x --train-scales 640 672 704 736 768 800, multi-scale testing with
+      --test-scales 400 500 600 700 900 1000 1100 1200 --test-flip
+  Tables 2.5-2.6 (RPN of Faster R-CNN FPN, LR 0.01 by default): --arch faster_rcnn_fpn (Table 2.5: add --rpn-only)
       (RPN baseline: --baseline; RPN-0.5: --baseline --iou-thresholds 0.5 0.5; RPN-0.5 + SR: --assign iou
        --iou-thresholds 0.5 0.5 --no-soft-labels)
   Fig. 2.2 from two finished runs: python noisy_anchor.py --plot-pr runs/baseline runs/noisy_anchor_r50
-CPU demo (RetinaNet R18-FPN baseline vs NoisyAnchor on synthetic scenes, same seed and budget):
-  python noisy_anchor.py --demo
+CPU demo (RetinaNet R18-FPN baseline vs NoisyAnchor on the synthetic benchmark, writes OUT/demo.json):
+  python noisy_anchor.py --demo --seed 0 --out runs/noisy_anchor_demo
+  python -m common.demo --script noisy_anchor.py --seeds 0 1 2   (the table in results/noisy_anchor.md)
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import json
 import math
 import time
@@ -93,13 +121,13 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import box_area, box_iou
+from torchvision.ops import batched_nms, box_area, box_iou, sigmoid_focal_loss
 
 from common.data import build_detection_dataset, build_loader, detection_transforms
 from common.detectors import build_detector
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import build_scheduler, resolve_resume, train_detector
-from common.evaluation import coco_precision, evaluate_predictions, evaluation_metric, predict
+from common.evaluation import coco_precision, evaluate_predictions, evaluation_metric, format_ap, predict
 
 EPS = 1e-3  # f(x) = 1 / (1 - x) is evaluated at x <= 1 - EPS (CHOICE above)
 AR_IOUS = torch.linspace(0.5, 0.95, 10)  # COCO's AR thresholds
@@ -126,22 +154,34 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="the plain detector: --assign iou --no-soft-labels --no-reweight")
     paper.add_argument("--iou-thresholds", type=float, nargs=2, default=None, metavar=("FG", "BG"),
                        help="Eq. 2.2 thresholds for --assign iou (default: RetinaNet 0.5 0.4, RPN 0.7 0.3)")
+    paper.add_argument("--soft-focal", default="literal", choices=SOFT_FOCAL,
+                       help="focal BCE with a soft target c: Eq. 2.1 as written (literal), torchvision's "
+                            "sigmoid_focal_loss (blended) or GFL's quality focal loss (qfl); CHOICE in the header")
     paper.add_argument("--focal-alpha", type=float, default=0.25, help="focal loss alpha (RetinaNet, Eq. 2.1 w_p/w_n)")
     paper.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (RetinaNet, Eq. 2.1 w_p/w_n)")
     paper.add_argument("--smooth-l1-beta", type=float, default=0.11,
                        help="RetinaNet regression smooth L1 beta (Detectron; 0 = torchvision's L1)")
-    paper.add_argument("--iters", type=int, default=180_000, help="1x schedule (Sec. 2.5.1)")
-    paper.add_argument("--batch-size", type=int, default=8, help="global batch (Sec. 2.5.1)")
+    paper.add_argument("--schedule", default="1x", choices=list(SCHEDULES),
+                       help="1x: 180k iterations at batch 8 (Sec. 2.5.1); 1.5x: 270k (Table 2.1); scaled by 8 / batch")
+    paper.add_argument("--iters", type=int, default=None, help="exact number of iterations (instead of --schedule)")
+    paper.add_argument("--batch-size", type=int, default=8, help="global batch (Sec. 2.5.1); LR and schedule follow it")
     paper.add_argument("--lr", type=float, default=None,
                        help="SGD LR at global batch 8; default 0.005 RetinaNet, 0.01 Faster R-CNN (Sec. 2.5.1)")
     paper.add_argument("--momentum", type=float, default=0.9, help="Sec. 2.5.1")
     paper.add_argument("--weight-decay", type=float, default=1e-4, help="Sec. 2.5.1")
-    paper.add_argument("--warmup-iters", type=int, default=500, help="CHOICE: Detectron's RetinaNet warm-up")
+    paper.add_argument("--warmup-iters", type=int, default=500,
+                       help="LR warm-up at batch 8, scaled by 8 / batch (CHOICE: Detectron's RetinaNet warm-up)")
+    paper.add_argument("--rpn-only", action="store_true",
+                       help="Table 2.5: train the RPN of --arch faster_rcnn_fpn alone (box head frozen, out of the loss)")
     paper.add_argument("--backbone", default="resnet50", help="resnet50 / resnet101 / resnext101_32x8d (Table 2.2)")
     paper.add_argument("--train-scales", type=int, nargs="+", default=[800],
                        help="training short sides; 640 672 704 736 768 800 for multi-scale (Sec. 2.5.1)")
     paper.add_argument("--min-size", type=int, default=800, help="test short side (Sec. 2.5.1)")
     paper.add_argument("--max-size", type=int, default=1333, help="long side cap (Sec. 2.5.1)")
+    paper.add_argument("--test-scales", type=int, nargs="+", default=None,
+                       help="multi-scale testing: short sides tested besides --min-size (Table 2.1: 400 500 600 700 "
+                            "900 1000 1100 1200, with --test-flip); the union of every view's detections, then NMS")
+    paper.add_argument("--test-flip", action="store_true", help="also test each scale's horizontal flip (Table 2.1)")
     paper.add_argument("--top-fraction", type=float, default=0.02, help="Table 2.7: most confident share of predictions")
 
     system = p.add_argument_group("system")
@@ -153,7 +193,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--norm", default="frozen_bn", help="backbone norm: frozen_bn / bn / syncbn / gn")
     system.add_argument("--trainable-layers", type=int, default=3, help="torchvision's count (3: stem, res2 frozen)")
     system.add_argument("--anchor-sizes", type=int, nargs=5, default=None, help="base anchor size per level")
-    system.add_argument("--output-dir", default="runs/noisy_anchor")
+    system.add_argument("--output-dir", "--out", default="runs/noisy_anchor")
     system.add_argument("--resume", default="", help="checkpoint to continue from; 'auto': --output-dir/checkpoint.pth "
                                                      "when there is one (a fresh run otherwise)")
     system.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps")
@@ -168,7 +208,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--synthetic-size", type=int, default=128)
     system.add_argument("--plot-pr", nargs="+", default=None, metavar="RUN_DIR",
                         help="only draw Fig. 2.2 from finished runs' results.json into --output-dir")
-    system.add_argument("--demo", action="store_true", help="CPU demo: RetinaNet R18 baseline vs NoisyAnchor")
+    system.add_argument("--demo", action="store_true",
+                        help="CPU demo on the synthetic benchmark: RetinaNet R18 baseline vs NoisyAnchor -> --out/demo.json")
+    system.add_argument("--demo-steps", type=int, nargs=2, default=[250, 100], metavar=("WARMUP", "ARM"),
+                        help="demo: steps of the shared baseline warm-up, then of each arm")
+    system.add_argument("--demo-images", type=int, nargs=2, default=[2000, 300], metavar=("TRAIN", "TEST"),
+                        help="demo: synthetic training and held-out scenes")
+    system.add_argument("--demo-cache", default="runs/synthetic_cache", help="demo: render cache folder")
     return p
 
 
@@ -239,9 +285,33 @@ def focal_bce(logits: torch.Tensor, t: torch.Tensor, alpha: float = 0.25, gamma:
     return -t * w_p * F.logsigmoid(logits) - (1 - t) * w_n * F.logsigmoid(-logits)  # Eq. 2.1
 
 
+def quality_focal_loss(logits: torch.Tensor, t: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """GFL's Quality Focal Loss element-wise: |t - p|^beta BCE(p, t) (no alpha, as in GFL); its
+    minimum over p is p = t for every soft target t."""
+    return (t - torch.sigmoid(logits)).abs() ** beta * F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+
+
+SOFT_FOCAL = ("literal", "blended", "qfl")
+
+
+def soft_focal_loss(logits: torch.Tensor, t: torch.Tensor, kind: str = "literal", alpha: float = 0.25,
+                    gamma: float = 2.0) -> torch.Tensor:
+    """The focal-weighted BCE of Eq. 2.5 with a soft target t (`--soft-focal`, CHOICE in the header):
+    "literal" Eq. 2.1 with t replaced by c (`focal_bce`); "blended" torchvision's `sigmoid_focal_loss`
+    (alpha_t (1 - p_t)^gamma BCE with p_t = p t + (1 - p)(1 - t)); "qfl" GFL's `quality_focal_loss`
+    (beta = gamma). For hard labels the first two are the same focal loss."""
+    if kind == "literal":
+        return focal_bce(logits, t, alpha, gamma)
+    if kind == "blended":
+        return sigmoid_focal_loss(logits, t, alpha, gamma)
+    if kind == "qfl":
+        return quality_focal_loss(logits, t, gamma)
+    raise ValueError(f"soft_focal={kind!r}: choose one of {SOFT_FOCAL}")
+
+
 def noisy_anchor_losses(cls_logits, bbox_regression, anchors, targets, matched_idxs, box_coder, *,
-                        alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True, focal_alpha=0.25,
-                        focal_gamma=2.0, beta=0.11) -> dict:
+                        alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True, soft_focal="literal",
+                        focal_alpha=0.25, focal_gamma=2.0, beta=0.11) -> dict:
     """Eq. 2.5-2.6 for RetinaNet. cls_logits (B, A, K), bbox_regression (B, A, 4), anchors list of
     (A, 4), targets list of dicts, matched_idxs list of (A,) (>= 0: A_pos with its GT, -1: A_neg,
     -2: ignored, as torchvision's Matcher). With soft labels and re-weighting off this is plain
@@ -266,7 +336,7 @@ def noisy_anchor_losses(cls_logits, bbox_regression, anchors, targets, matched_i
             w = torch.ones_like(logits[:, 0])  # (A,): negatives keep weight 1
             w[pos] = r
         num_pos = max(1, pos.numel())
-        per_anchor = focal_bce(logits[valid], t[valid], focal_alpha, focal_gamma).sum(dim=1)  # (A_valid,)
+        per_anchor = soft_focal_loss(logits[valid], t[valid], soft_focal, focal_alpha, focal_gamma).sum(dim=1)  # (A_valid,)
         cls_losses.append((w[valid] * per_anchor).sum() / num_pos)  # Eq. 2.5
         reg_targets = box_coder.encode_single(gt_boxes, anchors_i[pos])
         reg = F.smooth_l1_loss(deltas[pos], reg_targets, beta=beta, reduction="none").sum(dim=1)  # (P,)
@@ -282,11 +352,19 @@ class NoisyAnchorHead(RetinaNetHead):
     """RetinaNet's head (same sub-modules, same state-dict keys) whose `compute_loss` is Eq. 2.5-2.6.
     RetinaNet.compute_loss calls it with the assignment of `model.proposal_matcher`."""
 
-    def __init__(self, head: RetinaNetHead, **loss_kwargs):
-        torch.nn.Module.__init__(self)
-        self.classification_head = head.classification_head
-        self.regression_head = head.regression_head
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, norm_layer=None, **loss_kwargs):
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer)
         self.loss_kwargs = loss_kwargs
+
+    @classmethod
+    def replacing(cls, head: RetinaNetHead, **loss_kwargs) -> "NoisyAnchorHead":
+        """The same head (its weights and depth) with the NoisyAnchor loss."""
+        cls_head = head.classification_head
+        new = cls(cls_head.cls_logits.in_channels, cls_head.num_anchors, cls_head.num_classes, **loss_kwargs)
+        new.classification_head.conv = cls_head.conv  # torchvision's 4 convs, or a demo's lighter stack
+        new.regression_head.conv = head.regression_head.conv
+        new.load_state_dict(head.state_dict())
+        return new
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         return noisy_anchor_losses(head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, targets,
@@ -298,11 +376,11 @@ class NoisyAnchorRPN(RegionProposalNetwork):
     from `proposal_matcher` (TopNMatcher or the IoU Matcher), then the balanced sampler."""
 
     def __init__(self, rpn: RegionProposalNetwork, alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True):
-        sampler = rpn.fg_bg_sampler
-        super().__init__(rpn.anchor_generator, rpn.head, 0.7, 0.3, sampler.batch_size_per_image,
-                         sampler.positive_fraction, rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh,
-                         rpn.score_thresh)
-        self.proposal_matcher, self.min_size = rpn.proposal_matcher, rpn.min_size
+        sampler, matcher = rpn.fg_bg_sampler, rpn.proposal_matcher  # the RPN's own settings, kept as they are
+        super().__init__(rpn.anchor_generator, rpn.head, matcher.high_threshold, matcher.low_threshold,
+                         sampler.batch_size_per_image, sampler.positive_fraction, rpn._pre_nms_top_n,
+                         rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh)
+        self.min_size = rpn.min_size
         self.alpha, self.gamma, self.soft_labels, self.reweighting = alpha, gamma, soft_labels, reweighting
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
@@ -342,6 +420,12 @@ def build_model(args, num_classes: int) -> torch.nn.Module:
     model = build_detector(args.arch, num_classes, backbone=args.backbone, norm=args.norm,
                            trainable_layers=args.trainable_layers, min_size=args.min_size, max_size=args.max_size,
                            pretrained=args.pretrained, anchor_sizes=args.anchor_sizes)
+    return with_noisy_anchor(model, args)
+
+
+def with_noisy_anchor(model: torch.nn.Module, args) -> torch.nn.Module:
+    """`model` (a torchvision RetinaNet or Faster R-CNN) with the flags' assignment (Alg. 1 or Eq. 2.2)
+    and losses (Eq. 2.5-2.6) in its head (RetinaNet) or RPN (Faster R-CNN); parameters unchanged."""
     if args.assign == "topn":
         matcher = TopNMatcher(args.topn)
     elif args.iou_thresholds is not None:
@@ -349,9 +433,10 @@ def build_model(args, num_classes: int) -> torch.nn.Module:
     else:
         matcher = None  # the detector's own: RetinaNet 0.5 / 0.4, RPN 0.7 / 0.3 (Eq. 2.2)
     if isinstance(model, RetinaNet):
-        model.head = NoisyAnchorHead(model.head, alpha=args.alpha, gamma=args.gamma, soft_labels=args.soft_labels,
-                                     reweighting=args.reweight, focal_alpha=args.focal_alpha,
-                                     focal_gamma=args.focal_gamma, beta=args.smooth_l1_beta)
+        model.head = NoisyAnchorHead.replacing(
+            model.head, alpha=args.alpha, gamma=args.gamma, soft_labels=args.soft_labels, reweighting=args.reweight,
+            soft_focal=args.soft_focal, focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma,
+            beta=args.smooth_l1_beta)
         model.proposal_matcher = matcher or model.proposal_matcher
     else:
         model.rpn = NoisyAnchorRPN(model.rpn, args.alpha, args.gamma, args.soft_labels, args.reweight)
@@ -362,38 +447,128 @@ def build_model(args, num_classes: int) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Training (1x schedule of Sec. 2.5.1) through the shared loop
 # ----------------------------------------------------------------------------------------------
+SCHEDULES = {"1x": 180_000, "1.5x": 270_000}  # iterations at global batch 8: Sec. 2.5.1, Table 2.1's longer one
+
+
+def schedule(args) -> dict:
+    """The paper's SGD schedule (Sec. 2.5.1: LR at global batch 8, drops at 120k / 160k of 180k, i.e. at
+    2/3 and 8/9) for the global batch B, scaled as Detectron2's reference world size does: LR x B/8,
+    the --schedule's iterations and the warm-up x 8/B. An explicit --iters is taken as it is."""
+    scale = args.batch_size / 8
+    iters = args.iters if args.iters is not None else round(SCHEDULES[args.schedule] / scale)
+    return {"lr": args.lr * scale, "iters": iters, "warmup": min(iters, round(args.warmup_iters / scale)),
+            "milestones": (iters * 2 // 3, iters * 8 // 9)}
+
+
+def rpn_losses(model, images, targets) -> dict:
+    """--rpn-only (Table 2.5): the RPN's two losses; the box head's are left out."""
+    return {k: v for k, v in model(images, targets).items() if k in ("loss_objectness", "loss_rpn_box_reg")}
+
+
 def train(args, env, model, train_set, out_dir: Path):
+    if args.batch_size % env.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is the global batch and must divide over the "
+                         f"{env.world_size} processes (each trains on an equal share): give a multiple of {env.world_size}")
     per_rank = args.batch_size // env.world_size  # --batch-size is the global batch (paper: 8)
-    lr = args.lr * args.batch_size / 8  # linear scaling from the paper's LR at batch 8
+    sched = schedule(args)  # LR, iterations, warm-up and LR drops for this global batch
     loader = build_loader(train_set, per_rank, train=True, workers=args.workers, seed=args.seed)
+    if args.rpn_only:  # Table 2.5: the RPN trained alone, the box head frozen
+        model.roi_heads.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.iters, warmup_steps=min(args.warmup_iters, args.iters),
-                                warmup_factor=1 / 3, milestones=(args.iters * 2 // 3, args.iters * 8 // 9))  # 120k/160k of 180k
-    resume = resolve_resume(args.resume, out_dir, run_dir=out_dir.parent if args.demo else None)  # demo: two runs
+    optimizer = torch.optim.SGD(params, lr=sched["lr"], momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = build_scheduler(optimizer, sched["iters"], warmup_steps=sched["warmup"], warmup_factor=1 / 3,
+                                milestones=sched["milestones"])
+    resume = resolve_resume(args.resume, out_dir)
     # The loss lives inside the model (NoisyAnchorHead / NoisyAnchorRPN), so the default loss_fn,
     # model(images, targets), is the method's loss and DDP sees one ordinary forward.
-    train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=math.ceil(args.iters / len(loader)),
-                   max_steps=args.iters, out_dir=out_dir, args=args, amp=args.amp, clip_grad=args.clip_grad,
-                   checkpoint_every=args.checkpoint_every, resume=resume, log_every=args.log_every,
-                   desc=out_dir.name)
+    train_detector(wrap_ddp(model, env), loader, optimizer, scheduler, epochs=math.ceil(sched["iters"] / len(loader)),
+                   max_steps=sched["iters"], out_dir=out_dir, args=args, amp=args.amp, clip_grad=args.clip_grad,
+                   loss_fn=rpn_losses if args.rpn_only else None, checkpoint_every=args.checkpoint_every,
+                   resume=resume, log_every=args.log_every, desc=out_dir.name)
     return model
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: AP, proposal AR (Table 2.5), confidence vs IoU (Table 2.7), PR curves (Fig. 2.2)
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def without_nms(model):
-    """Predictions as they enter NMS: the detector's own post-processing with NMS and the per-image
-    cap switched off (IoU threshold above 1 suppresses nothing)."""
-    post = model if isinstance(model, RetinaNet) else model.roi_heads
-    saved = post.nms_thresh, post.detections_per_img
-    post.nms_thresh, post.detections_per_img = 1.01, 10**9
-    try:
-        yield model
-    finally:
-        post.nms_thresh, post.detections_per_img = saved
+def sharing(module: torch.nn.Module, **attrs) -> torch.nn.Module:
+    """A shallow copy of `module` (every parameter and sub-module shared) with `attrs` set on the copy
+    only; a sub-module among them replaces the copy's own, never the original's."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+class OnePass(torch.nn.Module):
+    """One evaluation pass of a RetinaNet or Faster R-CNN, the model itself left untouched: each
+    image's detections as they enter the detector's NMS (its score threshold, per-level top-k and
+    box filtering applied; NMS and the per-image cap not), in original image coordinates; for a
+    Faster R-CNN also its RPN proposals in score order (`proposals`). `after_nms` turns the
+    candidates into the detector's own output, so AP, Table 2.7 and Table 2.5 need one pass.
+    Multi-scale testing (Table 2.1, Detectron's union heuristic): with extra short sides `scales`
+    and / or `flip`, the candidates are the union of every test view's (the model's own short side,
+    each extra one, and their horizontal flips mapped back), and `after_nms` is the NMS over that
+    union; proposals are the first view's."""
+
+    def __init__(self, model: torch.nn.Module, scales=None, flip: bool = False):
+        super().__init__()
+        self.model = model
+        # the post-processing module as a shallow copy: its NMS threshold (an IoU above 1
+        # suppresses nothing) and cap differ from the model's, every parameter is shared
+        no_nms = dict(nms_thresh=1.01, detections_per_img=10**9)
+        self.post = sharing(model, **no_nms) if isinstance(model, RetinaNet) else sharing(model.roi_heads, **no_nms)
+        base = model.transform
+        views = []  # (transform, flipped): the long side cap scales with the short side
+        for size in [base.min_size[-1], *(scales or [])]:  # Detectron: the test scale, then the extra ones
+            t = sharing(base, min_size=(size,), max_size=round(size * base.max_size / base.min_size[-1]))
+            views += [(t, False)] + ([(t, True)] if flip else [])
+        self.views = views
+        self.train(model.training)  # so that `predict` leaves the model in the mode it found it in
+
+    def forward(self, images):
+        for t, _ in self.views:  # a plain list: eval() / train() do not reach these copies
+            t.training = self.model.training
+        per_view = [self._view(images, t, flipped) for t, flipped in self.views]
+        if len(per_view) == 1:
+            return per_view[0]
+        merged = []
+        for outs in zip(*per_view):  # one image's detections in every view
+            d = {k: torch.cat([o[k] for o in outs]) for k in ("boxes", "scores", "labels")}
+            merged.append({**d, "proposals": outs[0]["proposals"]} if "proposals" in outs[0] else d)
+        return merged
+
+    def _view(self, images, transform, flipped: bool):
+        m = self.model
+        sizes = [im.shape[-2:] for im in images]
+        if flipped:
+            images = [im.flip(-1) for im in images]
+        if isinstance(m, RetinaNet):
+            out = sharing(self.post, transform=transform)(images)
+        else:
+            image_list, _ = transform(images)
+            features = m.backbone(image_list.tensors)
+            proposals, _ = m.rpn(image_list, features)
+            detections, _ = self.post(features, proposals, image_list.image_sizes)
+            out = transform.postprocess(detections, image_list.image_sizes, sizes)
+            props = transform.postprocess([{"boxes": b} for b in proposals], image_list.image_sizes, sizes)
+            out = [{**o, "proposals": p["boxes"]} for o, p in zip(out, props)]
+        if flipped:  # boxes back into the unflipped image
+            for o, (_, w) in zip(out, sizes):
+                for k in ("boxes", "proposals"):
+                    if k in o:
+                        o[k] = torch.stack([w - o[k][:, 2], o[k][:, 1], w - o[k][:, 0], o[k][:, 3]], 1)
+        return out
+
+
+def after_nms(candidates, nms_thresh: float, detections_per_img: int) -> list[dict]:
+    """The detector's own last step on `OnePass` candidates: class-wise NMS, then the per-image cap."""
+    out = []
+    for c in candidates:
+        keep = batched_nms(c["boxes"], c["scores"], c["labels"], nms_thresh)[:detections_per_img]
+        out.append({k: c[k][keep] for k in ("boxes", "scores", "labels")})
+    return out
 
 
 def confidence_iou_stats(predictions, targets, top_fraction: float = 0.02) -> dict:
@@ -416,21 +591,6 @@ def confidence_iou_stats(predictions, targets, top_fraction: float = 0.02) -> di
     s, u = scores[top].double().numpy(), ious[top].double().numpy()
     r = float(np.corrcoef(s, u)[0, 1]) if k > 1 and s.std() > 0 and u.std() > 0 else float("nan")
     return {"mean_conf": float(s.mean()), "mean_iou": float(u.mean()), "pearson_r": r, "count": k}
-
-
-class ProposalsOnly(torch.nn.Module):
-    """A Faster R-CNN that returns its RPN proposals (score order, original image coordinates) as
-    `boxes`, so `common.evaluation.predict` can run and gather them."""
-
-    def __init__(self, model: FasterRCNN):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        sizes = [im.shape[-2:] for im in images]
-        image_list, _ = self.model.transform(images)
-        proposals, _ = self.model.rpn(image_list, self.model.backbone(image_list.tensors))
-        return self.model.transform.postprocess([{"boxes": b} for b in proposals], image_list.image_sizes, sizes)
 
 
 def proposal_recall(proposals, targets, ks=(100, 300, 1000)) -> dict:
@@ -515,19 +675,21 @@ def plot_pr_curves(runs: dict, path: Path) -> None:
 
 def evaluate(args, env, model, val_set) -> dict:
     """AP (COCOeval; on VOC, Detectron2's VOC AP set); Table 2.7 before / after NMS; Fig. 2.2 curves;
-    Faster R-CNN: proposal AR (Table 2.5)."""
+    Faster R-CNN: proposal AR (Table 2.5). One pass over `val_set`, gathered on rank 0 only (the
+    candidates before NMS are millions of boxes at COCO scale); the other ranks return {}."""
     model.to(env.device).eval()
     loader = build_loader(val_set, max(1, args.batch_size // env.world_size), train=False, workers=args.workers)
-    predictions, targets = predict(model, loader, env.device)
-    with without_nms(model):
-        candidates, _ = predict(model, loader, env.device, desc="eval before NMS")
+    candidates, targets = predict(OnePass(model, args.test_scales, args.test_flip), loader, env.device, dst=0)
+    if not is_main():
+        return {}
+    post = model if isinstance(model, RetinaNet) else model.roi_heads
+    predictions = after_nms(candidates, post.nms_thresh, post.detections_per_img)
     results = {"metrics": evaluate_predictions(predictions, targets, evaluation_metric(args.data)),
                "table2_7": {"before_nms": confidence_iou_stats(candidates, targets, args.top_fraction),
                             "after_nms": confidence_iou_stats(predictions, targets, args.top_fraction)},
                "pr_curves": pr_curves(predictions, targets)}
     if isinstance(model, FasterRCNN):
-        proposals, _ = predict(ProposalsOnly(model), loader, env.device, desc="proposals")
-        results["proposal_recall"] = proposal_recall(proposals, targets)
+        results["proposal_recall"] = proposal_recall([{"boxes": c["proposals"]} for c in candidates], targets)
     return results
 
 
@@ -553,7 +715,8 @@ def run(args, env) -> dict:
     train(args, env, model, train_set, out)
     results = evaluate(args, env, unwrap(model), val_set)
     results["flags"] = {k: getattr(args, k) for k in ("arch", "assign", "topn", "alpha", "gamma", "soft_labels",
-                                                       "reweight", "backbone", "iters", "seed")}
+                                                       "reweight", "soft_focal", "rpn_only", "backbone", "batch_size",
+                                                       "schedule", "iters", "seed")}
     results["minutes"] = (time.time() - t0) / 60
     if is_main():
         (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -563,52 +726,150 @@ def run(args, env) -> dict:
 
 
 def print_tables(results: dict) -> None:
-    print(f"\n{'method':<16}{'AP':>7}{'AP50':>7}{'AP75':>7}{'APs':>7}{'APm':>7}{'APl':>7}   (%, Table 2.2 / 2.3 style)")
+    print(f"\n{'method':<22}{'AP':>7}{'AP50':>7}{'AP75':>7}{'APs':>7}{'APm':>7}{'APl':>7}   (%, Table 2.2 / 2.3 style)")
     for name, r in results.items():
-        m = r["metrics"]
-        print(f"{name:<16}" + "".join(f"{100 * m[k]:>7.1f}" if k in m else f"{'-':>7}"  # no APs/m/l on VOC
-                                      for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
-    print(f"\n{'Table 2.7':<16}{'before NMS: conf':>17}{'IoU':>7}{'r':>8}{'after NMS: conf':>17}{'IoU':>7}{'r':>8}")
+        m = r["metrics"]  # n/a: no ground truth in that size range (COCO's -1) or not a VOC metric
+        print(f"{name:<22}" + "".join(f"{format_ap(m.get(k)):>7}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    print(f"\n{'Table 2.7':<22}{'before NMS: conf':>17}{'IoU':>7}{'r':>8}{'after NMS: conf':>17}{'IoU':>7}{'r':>8}")
     for name, r in results.items():
         b, a = r["table2_7"]["before_nms"], r["table2_7"]["after_nms"]
-        print(f"{name:<16}{b['mean_conf']:>17.3f}{b['mean_iou']:>7.3f}{b['pearson_r']:>8.3f}"
+        print(f"{name:<22}{b['mean_conf']:>17.3f}{b['mean_iou']:>7.3f}{b['pearson_r']:>8.3f}"
               f"{a['mean_conf']:>17.3f}{a['mean_iou']:>7.3f}{a['pearson_r']:>8.3f}")
     if any("proposal_recall" in r for r in results.values()):
-        print(f"\n{'Table 2.5':<16}{'AR@100':>8}{'AR@300':>8}{'AR@1000':>9}")
+        print(f"\n{'Table 2.5':<22}{'AR@100':>8}{'AR@300':>8}{'AR@1000':>9}")
         for name, r in results.items():
             if "proposal_recall" in r:
                 ar = r["proposal_recall"]
-                print(f"{name:<16}" + "".join(f"{100 * ar[k]:>8.1f}" for k in ("AR@100", "AR@300")) +
+                print(f"{name:<22}" + "".join(f"{100 * ar[k]:>8.1f}" for k in ("AR@100", "AR@300")) +
                       f"{100 * ar['AR@1000']:>9.1f}")
 
 
 BASELINE_FLAGS = dict(assign="iou", soft_labels=False, reweight=False)  # --baseline: plain RetinaNet / RPN
-DEMO_DEFAULTS = dict(
-    data="synthetic", synthetic_train=1600, synthetic_val=200, synthetic_size=64, backbone="resnet18", norm="bn",
-    trainable_layers=5, min_size=64, max_size=64, train_scales=[64], anchor_sizes=[16, 32, 64, 128, 256],
-    batch_size=8, lr=0.01, warmup_iters=50, clip_grad=10.0, iters=400, workers=1, device="cpu", log_every=10,
-    output_dir="runs/noisy_anchor_demo")
+DEMO_DEFAULTS = dict(device="cpu", workers=0, batch_size=8, output_dir="runs/noisy_anchor_demo")
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU demo (common.demo's recipe): Table 2.2's comparison and Table 2.7 on the synthetic benchmark
+# ----------------------------------------------------------------------------------------------
+# Mean number of RetinaNet anchors (sizes 32-512, 3 scales x 3 ratios, strides 8-128) with IoU >= 0.5
+# per ground-truth box on an 800 x 1216 image, for boxes with COCO's size mix (41 / 34 / 25 % small /
+# medium / large, sqrt(area) log-uniform within each range, aspect ratio 1/3-3, uniform position):
+# 16.4 (4,000 boxes; 1.8 small, 25.5 medium, 28.1 large). The paper's N = 30 is ~1.8x that.
+COCO_ANCHORS_PER_GT = 16.4
+DEMO_ARMS = {  # name -> flags on top of the paper's defaults
+    "baseline": BASELINE_FLAGS,
+    "noisy_anchor": {},  # --soft-focal literal (the default)
+    "noisy_anchor_blended": {"soft_focal": "blended"},
+    "noisy_anchor_qfl": {"soft_focal": "qfl"},
+}
+DEMO_HEAD_CONVS = 2  # demo only: two 3x3 convs per head branch (RetinaNet: 4), half the head's cost
+
+
+def anchors_per_gt(model: RetinaNet, dataset, num_images: int = 200, iou_threshold: float = 0.5) -> float:
+    """Mean number of `model`'s anchors with IoU >= `iou_threshold` per ground-truth box of the first
+    `num_images` images of `dataset` (uint8 images, all of one size)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    h, w = dataset.image_size(0)
+    x = torch.zeros(1, 3, h, w)
+    with torch.no_grad():
+        anchors = model.anchor_generator(ImageList(x, [(h, w)]), list(model.backbone(x).values()))[0]
+    counts = [(box_iou(torch.as_tensor(dataset.annotations(i)["boxes"]), anchors) >= iou_threshold).sum(1)
+              for i in range(min(num_images, len(dataset)))]
+    return torch.cat(counts).float().mean().item()
+
+
+def demo_model(num_classes: int, flags: argparse.Namespace) -> RetinaNet:
+    """common.demo's RetinaNet R18-FPN (anchors 16-256 on P3-P7, trainable BN) with DEMO_HEAD_CONVS
+    convs per head branch and the assignment / losses of `flags`."""
+    from common.demo import build_demo_detector
+
+    model = build_demo_detector(num_classes, arch="retinanet")
+    for branch in (model.head.classification_head, model.head.regression_head):
+        branch.conv = branch.conv[:DEMO_HEAD_CONVS]
+    return with_noisy_anchor(model, flags)
 
 
 def demo(args, env) -> dict:
-    """Table 2.2's comparison and Table 2.7's statistics on synthetic scenes: the RetinaNet baseline
-    (IoU labels, focal loss) and NoisyAnchor, same seed, backbone, data and budget."""
+    """RetinaNet (IoU labels, focal loss) against NoisyAnchor on the synthetic benchmark: one shared
+    warm-up of the baseline, so that cls_c and loc_a mean something, then every arm (the baseline
+    and NoisyAnchor with each --soft-focal form) trains the same further steps from it on the same
+    batches; AP and Table 2.7 on held-out scenes; OUT/demo.json."""
+    from common.demo import DEMO_RECIPE, claim, train_demo_detector, write_demo_result
+    from common.engine import load_checkpoint, save_checkpoint
+    from common.synthetic import SyntheticDetection
+
     t0 = time.time()
-    results = {}
-    for name, flags in (("baseline", BASELINE_FLAGS), ("noisy_anchor", {})):
-        sub = argparse.Namespace(**{**vars(args), **flags, "output_dir": str(Path(args.output_dir) / name)})
-        results[name] = run(sub, env)
-        if is_main():
-            print(f"[demo {time.time() - t0:.0f}s] {name} done")
-    if is_main():
-        out = Path(args.output_dir)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        plot_pr_curves({n: r["pr_curves"] for n, r in results.items()}, out / "fig2_2_pr_curves.png")
-        print_tables(results)
-        print(f"(synthetic {args.synthetic_size}px scenes, {args.backbone}, {args.iters} iterations at batch "
-              f"{args.batch_size}, seed {args.seed}; {time.time() - t0:.0f}s; results.json and "
-              f"fig2_2_pr_curves.png in {out})")
-    return results
+    out, seed = Path(args.output_dir), args.seed
+    resume = args.resume == "auto"
+    if args.resume not in ("", "auto"):
+        raise SystemExit("--demo takes --resume auto (finished stages in --out are reused), not a path")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SystemExit(f"--out {out} is not empty: use another folder, or --resume auto to reuse its finished stages")
+    size, warm_steps, arm_steps = DEMO_RECIPE["scene_size"], *args.demo_steps
+    train_set = SyntheticDetection(args.demo_images[0], size, seed=1000 * seed + 3, cache=args.demo_cache)
+    test_set = SyntheticDetection(args.demo_images[1], size, seed=1000 * seed + 4, cache=args.demo_cache,
+                                  transforms=detection_transforms(False))
+    num_classes = len(train_set.classes)
+
+    def flags(**over):
+        return argparse.Namespace(**{**vars(args), **over})
+
+    # N scaled from the paper's 30 by the anchors an object gets at IoU >= 0.5 here and on COCO
+    torch.manual_seed(seed)
+    per_gt = anchors_per_gt(demo_model(num_classes, flags(**BASELINE_FLAGS)), train_set)
+    topn = max(1, round(args.topn * per_gt / COCO_ANCHORS_PER_GT))
+    print(f"[demo] {per_gt:.1f} anchors per box at IoU >= 0.5 (COCO: {COCO_ANCHORS_PER_GT}): N = "
+          f"{args.topn} x {per_gt:.1f} / {COCO_ANCHORS_PER_GT} = {topn}", flush=True)
+
+    warm_path = out / "warmup" / "checkpoint.pth"
+    torch.manual_seed(seed)
+    warm = demo_model(num_classes, flags(**BASELINE_FLAGS))
+    if resume and warm_path.is_file():
+        saved = load_checkpoint(warm_path)
+        warm.load_state_dict(saved["model"])
+        warm_wall = saved["wall_s"]
+    else:
+        warm_wall = train_demo_detector(warm, train_set, warm_steps, seed=seed)
+        save_checkpoint(warm_path, {"model": warm.state_dict(), "args": vars(args), "wall_s": warm_wall})
+    results, walls = {"warmup": evaluate(args, env, warm, test_set)}, {"warmup": warm_wall}
+    for name, arm in DEMO_ARMS.items():
+        path = out / name / "results.json"
+        if resume and path.is_file():
+            results[name] = json.loads(path.read_text())
+        else:
+            model = demo_model(num_classes, flags(**{"topn": topn, **arm}))
+            model.load_state_dict(warm.state_dict())
+            wall = train_demo_detector(model, train_set, arm_steps, seed=seed + 1)  # the same batches for every arm
+            results[name] = {**evaluate(args, env, model, test_set), "train_wall_s": wall}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results[name]))
+        walls[name] = results[name]["train_wall_s"]
+        print(f"[demo {time.time() - t0:.0f}s] {name}: AP {format_ap(results[name]['metrics']['AP'])}", flush=True)
+
+    print_tables(results)
+    plot_pr_curves({n: r["pr_curves"] for n, r in results.items() if n != "warmup"}, out / "fig2_2_pr_curves.png")
+    m = {n: r["metrics"] for n, r in results.items()}
+    claims = [claim("NoisyAnchor > RetinaNet", metric, ("NoisyAnchor", m["noisy_anchor"][metric]),
+                    ("RetinaNet", m["baseline"][metric])) for metric in ("AP", "AP75")]
+    tables = {
+        "setting": {"train_images": len(train_set), "test_images": len(test_set), "image_size": size,
+                    "warmup_steps": warm_steps, "arm_steps": arm_steps, "batch_size": DEMO_RECIPE["detector"]["batch_size"],
+                    "anchors_per_gt_iou50": round(per_gt, 2), "coco_anchors_per_gt_iou50": COCO_ANCHORS_PER_GT,
+                    "topn": topn, "head_convs": DEMO_HEAD_CONVS, "train_wall_s": {n: round(w, 1) for n, w in walls.items()}},
+        "ap": {n: {k: (v if v >= 0 else None) for k, v in mm.items()} for n, mm in m.items()},  # None: no GT in range
+        "table2_7": {n: r["table2_7"] for n, r in results.items()},
+    }
+    return write_demo_result(out, "noisy_anchor.py", seed, time.time() - t0, claims, _finite(tables))
+
+
+def _finite(obj):
+    """NaN (a Pearson r of constant values) as None, so demo.json stays valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def plot_only(args) -> None:
@@ -648,6 +909,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         vars(args).update(BASELINE_FLAGS)
     if args.lr is None:
         args.lr = 0.005 if args.arch == "retinanet" else 0.01  # Sec. 2.5.1
+    if args.rpn_only and args.arch != "faster_rcnn_fpn":
+        parser.error("--rpn-only trains the RPN of a Faster R-CNN: add --arch faster_rcnn_fpn")
     if args.topn < 1 or not 0.0 <= args.alpha <= 1.0 or args.gamma < 0:
         parser.error(f"need --topn >= 1, 0 <= --alpha <= 1 and --gamma >= 0 (got {args.topn}, {args.alpha}, {args.gamma})")
     return args

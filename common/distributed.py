@@ -97,6 +97,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def gather_object(obj, dst: int = 0) -> list:
+    """Every rank's `obj` in rank order on rank `dst`, an empty list on the other ranks (a
+    one-element list without a process group): for results too large to hold on every rank."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out if out is not None else []
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank."""
     if get_world_size() == 1:

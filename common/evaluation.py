@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import all_gather_object
+from .distributed import all_gather_object, gather_object
 
 COCO_IOUS = np.linspace(0.5, 0.95, 10)
 
@@ -123,6 +123,12 @@ def coco_evaluate(predictions, targets, iou_thresholds=None, backend: str | None
     for t in extra:
         out[f"AP@{t:g}"] = mean_ap(t_index(t))
     return out
+
+
+def format_ap(value, digits: int = 1) -> str:
+    """An AP (a fraction) as a table shows it: percent with `digits` decimals; "n/a" for COCO's -1
+    (no ground truth in that area range) and for a metric the set does not have (None)."""
+    return "n/a" if value is None or value < 0 else f"{100 * value:.{digits}f}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +278,7 @@ def evaluate_predictions(predictions, targets, metric: str = "coco", iou_thresho
 # --------------------------------------------------------------------------------------------
 # Running a detector over a (distributed) loader
 # --------------------------------------------------------------------------------------------
-_EVAL_KEYS = ("boxes", "labels", "scores", "difficult", "iscrowd", "area", "image_id", "image_label")
+_EVAL_KEYS = ("boxes", "labels", "scores", "difficult", "iscrowd", "area", "image_id", "image_label", "proposals")
 
 
 def _to_cpu(d: dict) -> dict:
@@ -281,10 +287,12 @@ def _to_cpu(d: dict) -> dict:
 
 
 @torch.no_grad()
-def predict(model, loader, device, desc: str = "eval"):
+def predict(model, loader, device, desc: str = "eval", dst: int | None = None):
     """Run `model` (eval mode) over a loader from `build_loader(..., train=False)`. Every rank
     predicts its shard; the results of all ranks are gathered, the DistributedSampler's padding
-    removed, and returned in dataset order: (predictions, targets), one dict per image."""
+    removed, and returned in dataset order: (predictions, targets), one dict per image. `dst=None`:
+    every rank receives them all; `dst=k`: rank k only (the others get two empty lists), for
+    predictions too large to hold on every rank."""
     from tqdm import tqdm
 
     from .distributed import is_main
@@ -298,7 +306,8 @@ def predict(model, loader, device, desc: str = "eval"):
         preds += [_to_cpu(o) for o in out]
         tgts += [_to_cpu(t) for t in targets]
     model.train(was_training)
-    gathered = all_gather_object(list(zip(indices, preds, tgts)))
+    part = list(zip(indices, preds, tgts))
+    gathered = all_gather_object(part) if dst is None else gather_object(part, dst)
     merged = {}
     for part in gathered:
         for i, p, t in part:

@@ -1,6 +1,7 @@
 """noisy_anchor.py: the contract functions against hand-computed values, c and r without gradient,
 plain focal loss when soft labels and re-weighting are off (RetinaNet and RPN), top-N collisions,
 the evaluation helpers, smoke runs (RetinaNet, Faster R-CNN FPN, 2-process torchrun) and resume."""
+import argparse
 import json
 import math
 
@@ -317,10 +318,11 @@ def test_torchrun_two_processes(tmp_path):
 def test_baseline_flag_and_demo_defaults():
     args = na.parse_args(["--baseline"])
     assert (args.assign, args.soft_labels, args.reweight) == ("iou", False, False)
-    d = na.parse_args(["--demo", "--iters", "3"])
-    assert d.iters == 3 and d.backbone == "resnet18" and d.device == "cpu"
+    d = na.parse_args(["--demo", "--out", "x"])
+    assert d.output_dir == "x" and d.device == "cpu" and d.workers == 0
     p = na.parse_args([])
-    assert (p.topn, p.alpha, p.gamma, p.lr, p.iters, p.batch_size) == (30, 0.75, 1.0, 0.005, 180_000, 8)
+    assert (p.topn, p.alpha, p.gamma, p.lr, p.schedule, p.batch_size, p.soft_focal) == (30, 0.75, 1.0, 0.005, "1x", 8, "literal")
+    assert na.schedule(p) == {"lr": 0.005, "iters": 180_000, "warmup": 500, "milestones": (120_000, 160_000)}
     assert na.parse_args(["--arch", "faster_rcnn_fpn"]).lr == 0.01
     with pytest.raises(SystemExit):
         na.parse_args(["--topn", "0"])
@@ -340,4 +342,234 @@ def test_voc_root_reports_detectron2_voc_metrics(tmp_path, capsys):
     assert {"AP", "AP50", "AP75", "voc_mAP50", "voc07_mAP50"} <= set(m) and "APs" not in m  # VOC2007: 07 metric
     assert m["AP50"] == m["voc07_mAP50"]
     na.print_tables({"untrained": results})
-    assert "      -      -      -" in capsys.readouterr().out  # APs / APm / APl do not exist on VOC
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("untrained"))
+    assert row.split()[-3:] == ["n/a"] * 3  # APs / APm / APl do not exist on VOC
+
+
+# ---------------------------------------------------------------- issue 16
+def test_retinanet_loss_is_float32_for_bfloat16_outputs():
+    """--amp: the head's bfloat16 logits with float32 c / r crashed (index put of float into bfloat16),
+    in NoisyAnchor and in --baseline alike."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    cls_logits, deltas, anchors, targets = _retina_inputs(seed=2)
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    matched = [na.topn_assign(box_iou(t["boxes"], a), 15) for t, a in zip(targets, anchors)]
+    for kw in ({}, {"soft_labels": False, "reweighting": False}):
+        ref = na.noisy_anchor_losses(cls_logits, deltas, anchors, targets, matched, coder, **kw)
+        low = na.noisy_anchor_losses(cls_logits.bfloat16(), deltas.bfloat16(), anchors, targets, matched, coder, **kw)
+        assert all(v.dtype == torch.float32 for v in low.values())
+        assert all(torch.allclose(ref[k], low[k], rtol=3e-2) for k in ref)
+
+
+@pytest.mark.parametrize("flags", [[], ["--baseline"]])
+def test_amp_step_baseline_and_noisy_anchor(tmp_path, flags):
+    args = tiny_args(*flags, "--iters", "1", "--amp", "--output-dir", tmp_path)
+    train_set, _ = na.build_datasets(args)
+    dtypes = record_autocast(monkeypatch := pytest.MonkeyPatch(), na)
+    try:
+        na.train(args, init_distributed("cpu"), na.build_model(args, len(train_set.classes)), train_set, tmp_path)
+    finally:
+        monkeypatch.undo()
+    assert dtypes == [torch.bfloat16] and load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
+
+
+def test_crowd_boxes_get_no_anchors(tmp_path):
+    """A COCO iscrowd=1 box is not a training target, so no anchor is assigned to it (it took 28)."""
+    from common.synthetic import export_coco
+
+    ann = export_coco(SyntheticDetection(2, 64, seed=0), tmp_path, "train2017")
+    data = json.loads(ann.read_text())
+    image_id = data["images"][0]["id"]
+    n_before = sum(a["image_id"] == image_id for a in data["annotations"])
+    data["annotations"].append({"id": 999, "image_id": image_id, "category_id": 1, "bbox": [4.0, 4.0, 40.0, 40.0],
+                                "area": 1600.0, "iscrowd": 1, "segmentation": {"counts": [0, 4096], "size": [64, 64]}})
+    ann.write_text(json.dumps(data))
+    args = tiny_args("--data", tmp_path, "--train-split", "train2017", "--val-split", "train2017")
+    train_set, val_set = na.build_datasets(args)
+    k = train_set.image_ids.index(image_id)
+    _, target = train_set[k]
+    assert len(target["boxes"]) == n_before  # the crowd box is not in the training target
+    crowd = torch.tensor([[4.0, 4.0, 44.0, 44.0]])
+    assert not any(torch.equal(b, crowd[0]) for b in target["boxes"])
+    _, val_target = val_set[val_set.image_ids.index(image_id)]
+    assert int(val_target["iscrowd"].sum()) == 1  # evaluation keeps it, flagged
+
+
+def _soft_minimum(kind, t):
+    logits = torch.linspace(-12, 12, 24001)
+    loss = na.soft_focal_loss(logits, torch.full_like(logits, t), kind)
+    return torch.sigmoid(logits[loss.argmin()]).item()
+
+
+def test_soft_focal_forms_and_their_minima():
+    """Eq. 2.1 with t = c (literal) has its minimum far below c; torchvision's blended form pushes it
+    away from 0.5; GFL's QFL puts it at c (the issue's numbers)."""
+    expected = {"literal": (0.33, 0.40, 0.48, 0.60), "blended": (0.12, 0.50, 0.88, 0.99), "qfl": (0.3, 0.5, 0.7, 0.9)}
+    for kind, p_star in expected.items():
+        got = [_soft_minimum(kind, t) for t in (0.3, 0.5, 0.7, 0.9)]
+        assert got == pytest.approx(p_star, abs=0.01), kind
+    logits, hard = torch.randn(40, 5) * 3, (torch.rand(40, 5) > 0.7).float()
+    assert torch.allclose(na.soft_focal_loss(logits, hard, "blended"), na.soft_focal_loss(logits, hard, "literal"), atol=1e-6)
+    assert na.parse_args(["--soft-focal", "qfl"]).soft_focal == "qfl"
+    model = na.build_model(tiny_args("--soft-focal", "blended"), 8)
+    assert model.head.loss_kwargs["soft_focal"] == "blended"
+    with pytest.raises(SystemExit):
+        na.parse_args(["--soft-focal", "nope"])
+
+
+def test_global_batch_must_divide_over_the_processes(tmp_path):
+    args = tiny_args("--batch-size", "8", "--iters", "1")
+    env = argparse.Namespace(world_size=3, rank=0, device=torch.device("cpu"), distributed=True)
+    for batch in (8, 2):  # 8 on 3 trained at 6 with the LR of 8; 2 on 3 crashed
+        args.batch_size = batch
+        with pytest.raises(SystemExit, match="global batch and must divide over the 3 processes"):
+            na.train(args, env, None, None, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_schedule_follows_the_global_batch():
+    """Detectron2's reference-world-size rule: LR x B/8, iterations, drops and warm-up x 8/B."""
+    assert na.schedule(na.parse_args(["--batch-size", "16"])) == {
+        "lr": 0.01, "iters": 90_000, "warmup": 250, "milestones": (60_000, 80_000)}
+    assert na.schedule(na.parse_args(["--schedule", "1.5x"])) == {
+        "lr": 0.005, "iters": 270_000, "warmup": 500, "milestones": (180_000, 240_000)}
+    assert na.schedule(na.parse_args(["--batch-size", "4", "--iters", "10", "--warmup-iters", "500"]))["iters"] == 10
+
+
+def test_rpn_only_trains_the_rpn_alone(tmp_path):
+    """Table 2.5: the paper trains the RPN on its own first; --rpn-only freezes the box head and keeps
+    its losses out of the objective."""
+    args = tiny_args("--arch", "faster_rcnn_fpn", "--rpn-only", "--iters", "2", "--output-dir", tmp_path)
+    train_set, _ = na.build_datasets(args)
+    torch.manual_seed(0)
+    model = na.build_model(args, len(train_set.classes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    na.train(args, init_distributed("cpu"), model, train_set, tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("roi_heads."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("rpn."))
+    log = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_objectness" in log and "loss_classifier" not in log
+    with pytest.raises(SystemExit):
+        na.parse_args(["--rpn-only"])  # RetinaNet has no RPN
+
+
+def test_one_prediction_pass_gives_the_models_own_detections(monkeypatch):
+    """The validation set is predicted once (it was two or three times), gathered on rank 0 only;
+    NMS after the pass gives exactly the detector's output; the model is not modified."""
+    from common.data import collate_detection
+
+    calls = []
+    real = na.predict
+    monkeypatch.setattr(na, "predict", lambda *a, **k: calls.append(k.get("dst")) or real(*a, **k))
+    val = SyntheticDetection(4, 64, seed=5, transforms=detection_transforms(False))
+    for arch in ("retinanet", "faster_rcnn_fpn"):
+        args = tiny_args("--arch", arch)
+        torch.manual_seed(0)
+        model = na.build_model(args, 8).eval()
+        if arch == "retinanet":  # an untrained head scores nothing above 0.05: lower the threshold
+            model.score_thresh = 0.0
+        else:
+            model.roi_heads.score_thresh = 0.0
+        calls.clear()
+        results = na.evaluate(args, init_distributed("cpu"), model, val)
+        assert calls == [0]
+        images, _ = collate_detection([val[i] for i in range(4)])
+        with torch.no_grad():
+            own = model(list(images))
+            candidates = na.OnePass(model)(list(images))
+        post = model if arch == "retinanet" else model.roi_heads
+        assert (post.nms_thresh, post.detections_per_img) == ((0.5, 300) if arch == "retinanet" else (0.5, 100))
+        mine = na.after_nms(candidates, post.nms_thresh, post.detections_per_img)
+        assert sum(len(c["boxes"]) for c in candidates) > sum(len(o["boxes"]) for o in own) > 0
+        for a, b in zip(own, mine):
+            for k in ("boxes", "scores", "labels"):
+                assert torch.equal(a[k], b[k]), (arch, k)
+        assert ("proposal_recall" in results) == (arch == "faster_rcnn_fpn")
+
+
+def test_missing_size_ranges_print_na(capsys):
+    """COCO's -1 (no ground truth in that size range) reads n/a, never -100.0."""
+    from common.evaluation import format_ap
+
+    assert (format_ap(-1.0), format_ap(None), format_ap(0.1234), format_ap(0.1234, 2)) == ("n/a", "n/a", "12.3", "12.34")
+    stats = {"mean_conf": 0.5, "mean_iou": 0.5, "pearson_r": 0.1, "count": 3}
+    na.print_tables({"x": {"metrics": {"AP": 0.2, "AP50": 0.4, "AP75": 0.1, "APs": 0.1, "APm": 0.3, "APl": -1.0},
+                           "table2_7": {"before_nms": stats, "after_nms": stats}}})
+    out = capsys.readouterr().out
+    assert "-100" not in out and out.split("\n")[2].split()[-1] == "n/a"
+
+
+def test_heads_keep_their_settings_and_weights():
+    """NoisyAnchorHead is built through RetinaNetHead.__init__ with the model's weights;
+    NoisyAnchorRPN keeps the RPN's own IoU thresholds (it passed 0.7 / 0.3 whatever they were)."""
+    from torchvision.models.detection._utils import Matcher
+
+    torch.manual_seed(0)
+    plain = na.build_detector("retinanet", 8, backbone="resnet18", norm="bn", min_size=64, max_size=64)
+    head = na.NoisyAnchorHead.replacing(plain.head, soft_focal="qfl")
+    assert isinstance(head, RetinaNetHead) and head.loss_kwargs == {"soft_focal": "qfl"}
+    assert head.state_dict().keys() == plain.head.state_dict().keys()
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in plain.head.state_dict().items())
+    frcnn = na.build_detector("faster_rcnn_fpn", 8, backbone="resnet18", norm="bn", min_size=64, max_size=64,
+                              rpn_fg_iou_thresh=0.6, rpn_bg_iou_thresh=0.2)
+    rpn = na.NoisyAnchorRPN(frcnn.rpn)
+    assert isinstance(rpn.proposal_matcher, Matcher)
+    assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.6, 0.2)
+
+
+def test_demo_tiny_writes_demo_json(tmp_path, monkeypatch):
+    """The demo end to end at a toy size (two of its arms): the shared warm-up, demo.json with both
+    claims; a second run into the same folder refuses unless --resume auto, which reuses the stages."""
+    from common.demo import DEMO_RECIPE, check_demo_result
+
+    monkeypatch.setitem(DEMO_RECIPE["detector"], "batch_size", 2)  # a fast toy run
+    monkeypatch.setattr(na, "DEMO_ARMS", {k: na.DEMO_ARMS[k] for k in ("baseline", "noisy_anchor")})
+    out = tmp_path / "demo"
+    argv = ["--demo", "--seed", "3", "--out", str(out), "--demo-steps", "8", "8", "--demo-images", "16", "8",
+            "--demo-cache", str(tmp_path / "cache")]
+    na.main(na.parse_args(argv))
+    result = json.loads((out / "demo.json").read_text())
+    check_demo_result(result)
+    assert [c["metric"] for c in result["claims"]] == ["AP", "AP75"]
+    assert result["claims"][0]["better"]["name"] == "NoisyAnchor" and result["seed"] == 3
+    assert set(result["tables"]["table2_7"]) == {"warmup", *na.DEMO_ARMS}
+    assert result["tables"]["setting"]["topn"] >= 1
+    with pytest.raises(SystemExit, match="not empty"):
+        na.main(na.parse_args(argv))
+    na.main(na.parse_args([*argv, "--resume", "auto"]))  # every stage reused
+    assert json.loads((out / "demo.json").read_text())["claims"] == result["claims"]
+
+
+def test_multi_scale_and_flip_testing_is_the_union_of_the_views():
+    """Table 2.1's multi-scale testing: the candidates of every short side and of each flip (mapped
+    back), then one NMS; no extra scale and no flip is the plain pass."""
+    val = SyntheticDetection(1, 64, seed=5, transforms=detection_transforms(False))
+    images = [val[0][0]]
+
+    def mirror(boxes):
+        return torch.stack([64 - boxes[:, 2], boxes[:, 1], 64 - boxes[:, 0], boxes[:, 3]], 1)
+
+    for arch in ("retinanet", "faster_rcnn_fpn"):
+        torch.manual_seed(0)
+        model = na.build_model(tiny_args("--arch", arch), 8).eval()
+        post = model if arch == "retinanet" else model.roi_heads
+        post.score_thresh = 0.0
+        with torch.no_grad():
+            plain, = na.OnePass(model)(images)
+            same, = na.OnePass(model, [])(images)
+            union, = na.OnePass(model, [96], flip=True)(images)
+            flipped, = na.OnePass(model)([images[0].flip(-1)])
+            two, = na.OnePass(model, [96])(images)  # the views at 64 and 96 px
+            two_flipped, = na.OnePass(model, [96])([images[0].flip(-1)])
+        assert all(torch.equal(plain[k], same[k]) for k in plain)
+        n, m = len(plain["boxes"]), len(flipped["boxes"])
+        expected = torch.cat([plain["boxes"], mirror(flipped["boxes"]), two["boxes"][n:], mirror(two_flipped["boxes"][m:])])
+        assert torch.allclose(union["boxes"], expected, atol=1e-4)
+        assert torch.equal(union["scores"], torch.cat([plain["scores"], flipped["scores"], two["scores"][n:],
+                                                       two_flipped["scores"][m:]]))
+        assert ("proposals" in union) == (arch == "faster_rcnn_fpn")
+    assert model.transform.min_size == (64,) and post.nms_thresh == 0.5  # the model is untouched
+    args = na.parse_args(["--test-scales", "400", "500", "--test-flip"])
+    assert args.test_scales == [400, 500] and args.test_flip
