@@ -851,7 +851,9 @@ def run_analyses(args, env, nets, feats, todo, report: Path, exchange: Exchange)
     units = analysis_units(todo, nets)
     mine = {"/".join(u): run_unit(args, env, nets, feats, u) for u in rank_share(units, env.rank, env.world_size)}
     exchange.put("fit", mine)
-    fits = exchange.gather("fit")
+    if env.rank != 0 and "visualisation" not in todo:
+        return {}
+    fits = exchange.gather("fit")  # every rank: the mask-out maps below need every probe
     maps = {}
     if "visualisation" in todo:
         probes = {name: _linear(fits[f"probe/{name}"]) for name in nets}
