@@ -267,11 +267,14 @@ def test_smoke_features_and_visualisation(smoke):
 def test_smoke_removal_and_report(smoke):
     out, res = smoke
     rows = res["removal"]["AP@0.7"]
-    assert set(rows) == {"cls", "det", "det w/o star"} and all(set(r) == {"star", "mean"} for r in rows.values())
+    assert set(rows) == {"cls (image labels)", "det", "det w/o star"}  # pre-trained alike, in this run
+    assert all(set(r) == {"star", "mean"} for r in rows.values())
+    assert set(res["removal"]["table7"]) == {"cls (image labels)", "det"}
+    assert all(set(r) == {"mAP@0.5", "mAP@0.7", "top1"} for r in res["removal"]["table7"].values())
     report = json.loads((out / "report.json").read_text())
     assert set(report["results"]) == set(dpa.EXPERIMENTS)
     md = (out / "report.md").read_text()
-    for table in ("Table 1", "Table 2", "Table 5", "Table 6", "Table 8", "Fig. 6"):
+    for table in ("Table 1", "Table 2", "Table 5", "Table 6", "Table 7", "Table 8", "Fig. 6"):
         assert table in md
 
 
@@ -280,13 +283,25 @@ def test_main_needs_two_networks(nets):
         dpa.main(dpa.get_args_parser().parse_args(["--net", f"a={nets[0]}"]))
 
 
-def test_torchrun_detection_finetuning(nets, tmp_path, root):
+def test_torchrun_detection_finetuning_and_sharded_analyses(nets, smoke, tmp_path, root):
+    """2 ranks (gloo): DDP fine-tuning, then the analyses after the process group is gone, each rank
+    doing its share (issue 18: on 8 GPUs rank 0 alone ran them while the others waited in a
+    collective past NCCL's watchdog); the numbers are those of the single-process run."""
     cls, det = nets
     run_torchrun([root / "det_pretrain_analysis.py", *TINY, "--net", f"cls={cls}", "--net", f"det={det}",
-                  "--experiments", "detection", "--out", tmp_path])
+                  "--experiments", "detection", "probes", "features", "visualisation", "--out", tmp_path])
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["results"]["detection"]) == {"cls", "det"}
-    assert (tmp_path / "detection" / "det" / "checkpoint.pth").is_file()
+    assert (tmp_path / "detection" / dpa.load_net(f"det={det}", "resnet18").key / "checkpoint.pth").is_file()
+    shares = [torch.load(tmp_path / "ranks" / f"{phase}.rank{r}.pt", weights_only=True)
+              for phase in ("fit", "mask") for r in (0, 1)]
+    assert all(shares) and not set(shares[0]) & set(shares[1])  # both ranks worked, on different units
+    single = smoke[1]
+    for name in ("cls", "det"):
+        assert report["results"]["probes"][name]["top1"] == pytest.approx(single["probes"][name]["top1"], abs=0.1)
+        for got, want in zip(report["results"]["visualisation"][name], single["visualisation"][name]):
+            assert got["image"] == want["image"] and got["mean"] == pytest.approx(want["mean"], abs=1e-3)
+    assert report["results"]["features"]["cluster_counts"] == single["features"]["cluster_counts"]
 
 
 def test_amp_pretraining_step_on_the_cpu_and_resume_paths(tmp_path, monkeypatch):
@@ -296,17 +311,17 @@ def test_amp_pretraining_step_on_the_cpu_and_resume_paths(tmp_path, monkeypatch)
     data = dpa.det_dataset(args, args.pretrain_split, args.pretrain_data,
                            detection_transforms(True, args.det_scales, args.det_max_size))
     dtypes = record_autocast(monkeypatch, dpa)
-    ckpt = dpa.pretrain_detector(args, env, data, tmp_path / "pretrain")
+    ckpt = dpa.pretrain_detector(args, env, data, tmp_path / "pretrain", 1)
     assert dtypes == [torch.bfloat16]  # --amp on the CPU: bfloat16 autocast
     assert torch.load(ckpt, weights_only=True)["step"] == 1
     args.resume = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match=r"--resume .*nope.pth: no such file"):
-        dpa.pretrain_detector(args, env, data, tmp_path / "other")
+        dpa.pretrain_detector(args, env, data, tmp_path / "other", 1)
     args.resume = str(tmp_path.parent / "elsewhere" / "checkpoint.pth")  # a checkpoint of another run
     (tmp_path.parent / "elsewhere").mkdir(exist_ok=True)
     torch.save({}, args.resume)
     with pytest.raises(ValueError, match="several trainings"):
-        dpa.pretrain_detector(args, env, data, tmp_path / "other")
+        dpa.pretrain_detector(args, env, data, tmp_path / "other", 1)
 
 
 def test_closest_and_close_but_distant_pairs():
@@ -330,3 +345,101 @@ def test_load_net_reads_any_torchvision_weights(torchvision_hub):
     assert (net.backbone["conv1.weight"] == 0.25).all()
     with pytest.raises(ValueError, match="has no weights 'IMAGENET1K_V2'"):  # parsed as torchvision's, not a path
         dpa.load_net("tv=torchvision:IMAGENET1K_V2", "resnet18")
+
+
+def test_demo_writes_both_claims(tmp_path, monkeypatch):
+    """The demo end to end at a toy budget: demo.json with the issue's two claims and the AP curve."""
+    monkeypatch.setattr(dpa, "DEMO", {"objects": 16, "classifier_steps": 8, "pretrain_scenes": 16, "pretrain_steps": 8,
+                                      "finetune_scenes": 8, "finetune_steps": 8, "test_scenes": 6, "probe_train": 24,
+                                      "probe_test": 16, "kmeans": (2, 4)})
+    monkeypatch.chdir(tmp_path)  # the render cache goes under runs/
+    dpa.main(dpa.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(tmp_path / "demo")]))
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert result["seed"] == 3 and [c["metric"] for c in result["claims"]] == ["AP@0.8", "probe top-1"]
+    assert [(c["better"]["name"], c["worse"]["name"]) for c in result["claims"]] == [("det", "cls"), ("cls", "det")]
+    assert set(result["tables"]["fig1_mAP_at_IoU"]["det"]) == {f"{0.1 * i:.1f}" for i in range(1, 10)}
+    with pytest.raises(SystemExit, match="not empty"):  # a finished demo is never overwritten by accident
+        dpa.main(dpa.get_args_parser().parse_args(["--demo", "--seed", "3", "--out", str(tmp_path / "demo")]))
+
+
+# --------------------------------------------------------------------------------------------
+# issue 18: 8 GPUs, Tab. 2 across datasets and controlled, probes once in float32, SNIPER's VOC
+# metric, results keyed by the weights
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_rank_share_does_every_analysis_unit_once(world):
+    units = dpa.analysis_units(dpa.EXPERIMENTS, {"a": None, "b": None, "c": None})
+    assert len(units) == 12 and len(set(units)) == 12  # probe, head-probes, kmeans, tsne per network
+    shares = [dpa.rank_share(units, r, world) for r in range(world)]
+    assert sorted(u for s in shares for u in s) == sorted(units)  # each unit on exactly one rank
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_exchange_merges_every_rank_and_waits_for_late_ones(tmp_path):
+    import threading
+
+    ex = [dpa.Exchange(tmp_path, r, 2) for r in range(2)]
+    ex[0].put("fit", {"a": torch.ones(2)})
+    late = threading.Timer(0.3, ex[1].put, ("fit", {"b": 1.5}))
+    late.start()
+    merged = ex[0].gather("fit", poll_s=0.05)  # returns only once rank 1's file is there
+    late.join()
+    assert set(merged) == {"a", "b"} and merged["b"] == 1.5
+
+
+def test_removal_categories_across_coco_and_voc():
+    voc = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+           "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+    coco = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "dog", "couch", "tv")
+    pre, down = dpa.removal_categories(["car", "bus", "truck"], coco, voc)  # the documented command: VOC has no truck
+    assert pre == ["car", "bus", "truck"] and down == ["bus", "car"]
+    pre, down = dpa.removal_categories(["vehicle"], coco, voc)
+    assert pre == ["bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat"]
+    assert down == ["aeroplane", "bicycle", "boat", "bus", "car", "motorbike", "train"]
+    assert dpa.removal_categories(["aeroplane", "sofa"], coco, voc) == (["airplane", "couch"], ["aeroplane", "sofa"])
+    with pytest.raises(ValueError, match="zebra"):
+        dpa.removal_categories(["zebra"], coco, voc)
+    with pytest.raises(ValueError, match="none is a class of the fine-tuning set"):
+        dpa.removal_categories(["truck"], coco, voc)
+
+
+def test_image_label_is_the_largest_box():
+    ann = {"boxes": np.array([[0, 0, 4, 4], [0, 0, 10, 3], [5, 5, 6, 6]], np.float32), "labels": np.array([3, 7, 1])}
+    assert dpa.image_label(ann) == 6  # 0-based class of the 10 x 3 box
+
+
+def test_sniper_uses_the_07_metric_before_2010(tmp_path):
+    for year in ("2007", "2008", "2012"):
+        (tmp_path / f"VOC{year}" / "Annotations").mkdir(parents=True)
+    assert dpa.sniper_07_metric(str(tmp_path / "VOC2007")) and dpa.sniper_07_metric(str(tmp_path / "VOC2008"))
+    assert not dpa.sniper_07_metric(str(tmp_path / "VOC2012")) and not dpa.sniper_07_metric("synthetic")
+    assert dpa.sniper_07_metric(f"{tmp_path / 'VOC2008'},{tmp_path / 'VOC2012'}")
+
+
+def test_linear_probe_fits_in_float32(monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
+    seen, fit = [], LogisticRegression.fit
+    monkeypatch.setattr(LogisticRegression, "fit", lambda self, x, y: seen.append(x.dtype) or fit(self, x, y))
+    rng = np.random.default_rng(0)
+    dpa.linear_probe(rng.normal(size=(40, 6)), np.arange(40) % 3, rng.normal(size=(9, 6)), np.arange(9) % 3)
+    assert seen == [np.float32]  # float64 doubled the memory of a 50,176-dim ConvProj probe
+
+
+def test_results_are_keyed_by_the_weights(nets, smoke, tmp_path):
+    cls, det = nets
+    a, again = dpa.load_net(f"x={cls}", "resnet18"), dpa.load_net(f"x={cls}", "resnet18")
+    sd = torch.load(cls, weights_only=True)
+    sd["model"]["conv1.weight"][0, 0, 0, 0] += 1
+    torch.save(sd, tmp_path / "changed.pth")
+    changed = dpa.load_net(f"x={tmp_path / 'changed.pth'}", "resnet18")
+    assert a.key == again.key and a.key != changed.key and a.key.startswith("x-")
+    out, _ = smoke
+    assert (out / "detection" / dpa.load_net(f"cls={cls}", "resnet18").key / "result.json").is_file()
+
+
+def test_controlled_removal_pretrains_alike(smoke):
+    out, res = smoke
+    steps = {p.parent.name: torch.load(p, weights_only=True)["step"] for p in (out / "removal").glob("*/*/checkpoint.pth")}
+    assert steps == {"cls": res["removal"]["iterations"], "det": res["removal"]["iterations"],
+                     "det_without": res["removal"]["iterations"]}
