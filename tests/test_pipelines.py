@@ -1,7 +1,6 @@
 """Issue 19's fast data pipelines against the ones they replaced (benchmarks/reference_pipelines.py):
 the same random draws on fixed seeds (so the same boxes, crops and coin flips) and outputs within a
 grey level or two, pixel by pixel and in distribution."""
-import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
