@@ -93,8 +93,8 @@ Full-scale commands (ImageNet-1k as /data/imagenet/train/<class>/*.JPEG, COCO 20
     # the release's 100-epoch FPN / C4 recipes also add --cutout-prob 0.5; 8 GPUs: --accum-steps 2
     python soco.py export --to detectron2 --weights runs/soco/fpn_400ep/soco_weights.pth --out soco_d2.pkl
     python soco.py export --to mmdet --weights runs/soco/fpn_400ep/soco_weights.pth --out soco_mmdet.pth
-CPU demo (SoCo vs random init, and image-level BYOL, in low-data fine-tuning; writes OUT/demo.json):
-    python soco.py --demo --seed 0 --out runs/soco_demo
+CPU demo (SoCo vs random init in low-data fine-tuning; writes OUT/demo.json; about 7 CPU minutes at one thread):
+    python soco.py --demo --seed 0 --out runs/soco_demo        # --demo-byol: also image-level BYOL
 Benchmark (selective search, the 1.28M-image proposal table, CPU pre-training throughput):
     python benchmarks/bench_soco.py
 """
@@ -154,6 +154,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="SoCo vs random init (and image-level BYOL) in low-data fine-tuning on synthetic data, CPU; "
                         "writes --out/demo.json")
+    p.add_argument("--demo-byol", action="store_true",
+                   help="with --demo: also image-level BYOL (Tab. 4 row 1) as a row without a claim (about 4 more CPU minutes)")
 
     h = p.add_argument_group("SoCo hyper-parameters (paper; defaults = the main setting)")
     h.add_argument("--arch", default="fpn", choices=("fpn", "c4"), help="SoCo-R50-FPN or SoCo-R50-C4, Sec. 4.1")
@@ -1026,26 +1028,46 @@ def stage_export(args) -> Path:
 # --------------------------------------------------------------------------------------------
 # CHOICE (demo only, to fit a few CPU minutes; common.demo's recipe for the detector):
 # - pre-training data: object-centric synthetic 64-px images (the recipe's pre-training images,
-#   ImageNet's role), their selective-search proposals; views 64 / 32 px (V1, V2 / V3), level
-#   thresholds and blur scaled with them; ResNet-18 + FPN + the demo detector's light box head
-#   (two fc of 256, RoIAlign with one sample per bin) as f^H, so that every tensor of it transfers;
-#   projector / predictor 1024 -> 256.
+#   ImageNet's role), their selective-search proposals; views 48 / 24 px (V1, V2 / V3: the objects
+#   then have about the size of the fine-tuning scenes' 13-35 px objects, and an update costs 2
+#   CPU-s instead of 2.8 at 64 / 32), level thresholds and blur scaled with them; ResNet-18 + FPN +
+#   the demo detector's light box head (two fc of 256, RoIAlign with one sample per bin) as f^H,
+#   so that every tensor of it transfers; projector / predictor 1024 -> 256.
+# - budget: 640 images x 4 epochs at batch 32 = 80 LARS updates (warm-up 1 epoch, cosine).
 # - LARS at batch 32: lr = base-lr x 32 / 256 = 0.125 (the paper's linear rule) with the trust
 #   coefficient rescaled by 2048 / 32 (0.001 -> 0.064), so that an update moves each weight by
 #   lr x trust = 0.008 of its norm, as the paper's lr 8 x 0.001 does at batch 2048 (with the
 #   paper's trust coefficient, 0.125 x 0.001: the weights would not leave their random init).
 # - fine-tuning: Faster R-CNN R18-FPN of common.demo (the light head, RoIAlign aligned as in
-#   pre-training) on a 5% labelled split of 1,000 scenes (50 images), the recipe's AdamW and steps,
-#   from SoCo, from random init and from image-level BYOL (`--proposals-kind whole`, Tab. 4 row 1,
-#   the same pre-training budget); COCO AP on 300 held-out scenes.
-DEMO = dict(pre_images=640, epochs=5, batch_size=32, view_size=64, v3_size=32, trust_coeff=0.001 * 2048 / 32,
+#   pre-training) on a 5% labelled split of 1,000 scenes (50 images), the recipe's AdamW and its
+#   150 steps, from SoCo and from random init; COCO AP on 300 held-out scenes. `--demo-byol` adds
+#   image-level BYOL (`--proposals-kind whole`, Tab. 4 row 1, the same pre-training budget) as a
+#   row without a claim (one more pre-training and fine-tuning: about 4 more CPU minutes).
+# - every stage prints its wall and CPU seconds (at one thread CPU seconds are what an idle
+#   machine's wall time would be; a loaded machine's wall time is not), kept in demo.json.
+DEMO = dict(pre_images=640, epochs=4, batch_size=32, view_size=48, v3_size=24, trust_coeff=0.001 * 2048 / 32,
             proj_hidden=1024, scenes=1000, fraction=0.05, ft_steps=150, test_scenes=300)
 
 
-def demo_pretrain(args, root: Path, kind: str, seed: int, env) -> Path:
-    """SoCo (or image-level BYOL for kind="whole") at the demo's budget, through stage_pretrain."""
+class StageClock:
+    """Wall and CPU (process) seconds of each demo stage, printed as each ends."""
+
+    def __init__(self):
+        self.stages: dict = {}
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args, **kwargs)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.stages[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        print(f"[stage] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        return out
+
+
+def demo_pretrain_args(args, root: Path, kind: str, seed: int) -> argparse.Namespace:
+    """stage_proposals / stage_pretrain arguments for SoCo (or image-level BYOL for kind="whole") at the demo's budget."""
     d = DEMO
-    pre = argparse.Namespace(**dict(
+    return argparse.Namespace(**dict(
         vars(args), demo=False, data="synthetic", synthetic_images=d["pre_images"], image_size=64,
         synthetic_mode="object", seed=seed, backbone="resnet18", workers=0, resume=args.resume, log_every=10,
         checkpoint_every=0, max_steps=None, amp=False, device="cpu", proposals=str(root / "proposals"),
@@ -1054,47 +1076,57 @@ def demo_pretrain(args, root: Path, kind: str, seed: int, env) -> Path:
         trust_coeff=d["trust_coeff"], proj_hidden=d["proj_hidden"], box_head="2mlp",
         box_head_dim=DEMO_BOX_HEAD["representation_size"], roi_sampling_ratio=DEMO_BOX_HEAD["roi_sampling_ratio"],
         proposals_kind=kind))
-    if kind == "selective_search":
-        stage_proposals(pre)
-    return stage_pretrain(pre, env)
 
 
 def run_demo(args, env) -> dict:
-    """Pre-train SoCo and image-level BYOL on unlabelled images, fine-tune the demo detector from
-    each and from random init on 50 labelled scenes, write OUT/demo.json."""
+    """Pre-train SoCo (and, with --demo-byol, image-level BYOL) on unlabelled images, fine-tune the
+    demo detector from each and from random init on 50 labelled scenes, write OUT/demo.json."""
     d, s = DEMO, args.seed
     root = Path(args.out if args.out != get_args_parser().get_default("out") else "runs/soco_demo")
-    t0 = time.perf_counter()
-    weights = {"SoCo": demo_pretrain(args, root, "selective_search", 1000 * s + 1, env)}
-    t_pre = time.perf_counter() - t0
-    weights["BYOL (whole image)"] = demo_pretrain(args, root, "whole", 1000 * s + 1, env)
+    clock, t0 = StageClock(), time.perf_counter()
+    soco_args = demo_pretrain_args(args, root, "selective_search", 1000 * s + 1)
+    clock("proposals (selective search)", stage_proposals, soco_args)
+    weights = {"SoCo": clock("pre-training SoCo", stage_pretrain, soco_args, env)}
+    if args.demo_byol:
+        byol_args = demo_pretrain_args(args, root, "whole", 1000 * s + 1)
+        weights["BYOL (whole image)"] = clock("pre-training BYOL (whole image)", stage_pretrain, byol_args, env)
     size = DEMO_RECIPE["scene_size"]
     scenes = SyntheticDetection(d["scenes"], size, mode="scenes", seed=1000 * s + 3)
     test = SyntheticDetection(d["test_scenes"], size, mode="scenes", seed=1000 * s + 4)
     labelled, _ = fraction_split(scenes, d["fraction"], seed=s)
     train_set = subset_by_ids(scenes, labelled)
     results = {}
-    for name, w in (("random init", None), ("SoCo", weights["SoCo"]), ("BYOL (whole image)", weights["BYOL (whole image)"])):
+    for name, w in (("random init", None), *weights.items()):
         torch.manual_seed(s)  # the same head / predictor init for every row
         model = align_roi_pooling(build_demo_detector(len(scenes.classes)), DEMO_BOX_HEAD["roi_sampling_ratio"])
-        if w is not None:
-            load_weights(model, w, verbose=False)
-        wall = train_demo_detector(model, train_set, d["ft_steps"], seed=s)
-        m = evaluate_demo_detector(model, test)
-        results[name] = {"AP50": m["AP50"], "AP": m["AP"], "AP75": m["AP75"], "train_s": round(wall, 1)}
+        loaded = {}
+        if w is not None:  # what transfers: backbone, FPN, box head (the predictor and RPN stay random)
+            report = load_weights(model, w, verbose=False)
+            kept = sorted({".".join(k.split(".")[:2]) for k in report.missing + [k for k, _ in report.skipped]})
+            loaded = {"tensors_transferred": len(report.loaded), "left_at_init": kept}
+            print(f"{name}: {len(report.loaded)} tensors transferred; left at init: {', '.join(kept)}")
+        wall = clock(f"fine-tuning from {name}", train_demo_detector, model, train_set, d["ft_steps"], seed=s)
+        m = clock(f"evaluation of {name}", evaluate_demo_detector, model, test)
+        results[name] = {"AP50": m["AP50"], "AP": m["AP"], "AP75": m["AP75"], "train_s": round(wall, 1), **loaded}
         print(f"{name}: AP50 {m['AP50']:.3f} AP {m['AP']:.3f}")
     wall = time.perf_counter() - t0
-    print(f"\nSoCo demo (seed {s}; SoCo pre-training {t_pre:.0f} s, total {wall:.0f} s): {d['pre_images']} "
-          f"object-centric images x {d['epochs']} epochs, then {len(train_set)} labelled scenes x {d['ft_steps']} steps")
+    t_pre = clock.stages["pre-training SoCo"]
+    print(f"\nSoCo demo (seed {s}; SoCo pre-training {t_pre['wall_s']:.0f} s wall / {t_pre['cpu_s']:.0f} s CPU, "
+          f"total {wall:.0f} s wall / {sum(v['cpu_s'] for v in clock.stages.values()):.0f} s CPU in the stages): "
+          f"{d['pre_images']} object-centric images x {d['epochs']} epochs, then {len(train_set)} labelled scenes x "
+          f"{d['ft_steps']} steps")
     print(f"{'init':<20} {'AP50':>6} {'AP':>6} {'AP75':>6}")
     for name, m in results.items():
         print(f"{name:<20} {100 * m['AP50']:6.1f} {100 * m['AP']:6.1f} {100 * m['AP75']:6.1f}")
     claims = [claim("SoCo > random init in low-data fine-tuning", "AP50", ("SoCo", results["SoCo"]["AP50"]),
                     ("random init", results["random init"]["AP50"]))]
+    updates = d["epochs"] * math.ceil(d["pre_images"] / d["batch_size"])
     tables = {"finetune": results, "labelled_images": len(train_set), "test_images": len(test),
               "pretrain": {"images": d["pre_images"], "epochs": d["epochs"], "batch_size": d["batch_size"],
+                           "updates": updates, "view_sizes": [d["view_size"], d["view_size"], d["v3_size"]],
                            "lr": args.base_lr * d["batch_size"] / 256, "trust_coeff": d["trust_coeff"],
-                           "wall_s": round(t_pre, 1)}}
+                           "wall_s": t_pre["wall_s"], "cpu_s": t_pre["cpu_s"]},
+              "stages": clock.stages, "threads": torch.get_num_threads()}
     write_demo_result(root, "soco.py", s, wall, claims, tables)
     return results
 

@@ -503,9 +503,14 @@ def test_finetune_from_soco_weights(tmp_path, proposals):
 def test_demo_runs_end_to_end_and_writes_demo_json(tmp_path, monkeypatch):
     monkeypatch.setattr(soco, "DEMO", dict(soco.DEMO, pre_images=8, epochs=1, batch_size=4, scenes=40, fraction=0.25,
                                            ft_steps=8, test_scenes=4, proj_hidden=32))
-    results = soco.run_demo(parse("--demo", "--seed", 3, "--out", tmp_path), init_distributed("cpu"))
-    assert set(results) == {"random init", "SoCo", "BYOL (whole image)"}
+    results = soco.run_demo(parse("--demo", "--demo-byol", "--seed", 3, "--out", tmp_path), init_distributed("cpu"))
+    assert set(results) == {"random init", "SoCo", "BYOL (whole image)"} and not parse("--demo").demo_byol
     obj = json.loads((tmp_path / "demo.json").read_text())
+    assert {"proposals (selective search)", "pre-training SoCo", "fine-tuning from SoCo",
+            "evaluation of random init"} <= set(obj["tables"]["stages"])
+    ft = obj["tables"]["finetune"]["SoCo"]  # backbone, FPN and box head transfer; RPN and predictor do not
+    assert ft["tensors_transferred"] > 100 and {"rpn.head", "roi_heads.box_predictor"} <= set(ft["left_at_init"])
+    assert not any(k.startswith(("backbone", "roi_heads.box_head")) for k in ft["left_at_init"])
     assert obj["script"] == "soco.py" and obj["seed"] == 3
     c = obj["claims"][0]
     assert (c["metric"], c["better"]["name"], c["worse"]["name"]) == ("AP50", "SoCo", "random init")
