@@ -451,7 +451,7 @@ _TRAINING_SETS = {
     "analysis_finetune": ("det_pretrain_analysis", [], lambda m, a, out: m.finetune_detection(a, None, None, out),
                           lambda m, a: a.det_train_split),
     "analysis_removal": ("det_pretrain_analysis", ["--remove-categories", "circle"],
-                         lambda m, a, out: m.run_removal(a, None, {}, out), lambda m, a: a.pretrain_split),
+                         lambda m, a, out: m.run_removal(a, None, {}, out, set()), lambda m, a: a.pretrain_split),
 }
 
 
