@@ -167,6 +167,32 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
             done += 1
 
 
+def _train_steps(model: nn.Module, kind: str, loss_of, n: int, batch_size: int, steps: int, warmup: int,
+                 seed: int, log, clip_grad: float | None = None) -> float:
+    """The demo's training loop: `steps` seeded batches of indices into n items, `loss_of(step, indices)`
+    -> loss, AdamW at DEMO_RECIPE[kind] with one-cycle LR (`warmup` steps), optional gradient
+    clipping. Returns the training wall time in seconds."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = demo_optimizer(params, kind)
+    sched = one_cycle(opt, steps, warmup)
+    torch.manual_seed(seed)
+    model.train()
+    wall = 0.0
+    for step, idx in enumerate(_batches(n, batch_size, steps, seed), start=1):
+        t0 = time.perf_counter()
+        loss = loss_of(step, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(params, clip_grad)
+        opt.step()
+        sched.step()
+        wall += time.perf_counter() - t0
+        if log and (step % 50 == 0 or step == steps):
+            log(f"{kind} step {step}/{steps} loss {loss.item():.3f} ({wall:.0f} s)")
+    return wall
+
+
 def train_demo_classifier(model: nn.Module, dataset, steps: int, seed: int = 0, batch_size: int | None = None,
                           log=print) -> float:
     """Train a classifier on `dataset` ((uint8 image, label) items) with the recipe; returns the
@@ -179,25 +205,14 @@ def train_demo_classifier(model: nn.Module, dataset, steps: int, seed: int = 0, 
     augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.75, 4 / 3), antialias=True),
                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    opt = demo_optimizer([p for p in model.parameters() if p.requires_grad], "classifier")
-    sched = one_cycle(opt, steps, max(1, steps // 4))
-    torch.manual_seed(seed)
-    model.train()
-    wall = 0.0
-    for step, idx in enumerate(_batches(len(dataset), batch_size, steps, seed), start=1):
-        t0 = time.perf_counter()
+
+    def loss_of(step, idx):
         items = [dataset[int(i)] for i in idx]
         x = torch.stack([augment(im) for im, _ in items])
         y = torch.as_tensor([label for _, label in items])
-        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=r["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        wall += time.perf_counter() - t0
-        if log and (step % 50 == 0 or step == steps):
-            log(f"classifier step {step}/{steps} loss {loss.item():.3f} ({wall:.0f} s)")
-    return wall
+        return nn.functional.cross_entropy(model(x), y, label_smoothing=r["label_smoothing"])
+
+    return _train_steps(model, "classifier", loss_of, len(dataset), batch_size, steps, max(1, steps // 4), seed, log)
 
 
 @torch.no_grad()
@@ -226,29 +241,18 @@ def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, ba
     batch_size = batch_size or r["batch_size"]
     size = DEMO_RECIPE["scene_size"]
     augment = detection_transforms(True, scales=(size,), max_size=size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = demo_optimizer(params, "detector")
-    sched = one_cycle(opt, steps, min(warmup_steps, steps // 4))
-    torch.manual_seed(seed)
-    model.train()
-    wall = 0.0
-    for step, idx in enumerate(_batches(len(dataset), batch_size, steps, seed), start=1):
-        t0 = time.perf_counter()
+
+    def loss_of(step, idx):
         images, targets = collate_detection([augment(*dataset[int(i)]) for i in idx])
         losses = model(list(images), list(targets))
         loss = sum(losses.values())
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"non-finite detector loss at step {step}: "
                                      + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, r["clip_grad"])
-        opt.step()
-        sched.step()
-        wall += time.perf_counter() - t0
-        if log and (step % 50 == 0 or step == steps):
-            log(f"detector step {step}/{steps} loss {loss.item():.3f} ({wall:.0f} s)")
-    return wall
+        return loss
+
+    return _train_steps(model, "detector", loss_of, len(dataset), batch_size, steps, min(warmup_steps, steps // 4),
+                        seed, log, clip_grad=r["clip_grad"])
 
 
 @torch.no_grad()
