@@ -528,7 +528,7 @@ def test_demo_tiny_writes_demo_json(tmp_path, monkeypatch):
     monkeypatch.setattr(na, "DEMO_ARMS", {k: na.DEMO_ARMS[k] for k in ("baseline", "noisy_anchor")})
     out = tmp_path / "demo"
     argv = ["--demo", "--seed", "3", "--out", str(out), "--demo-steps", "8", "8", "--demo-images", "16", "8",
-            "--demo-cache", str(tmp_path / "cache")]
+            "--demo-cache", str(tmp_path / "cache"), "--demo-backbone-steps", "2"]
     na.main(na.parse_args(argv))
     result = json.loads((out / "demo.json").read_text())
     check_demo_result(result)
@@ -536,6 +536,7 @@ def test_demo_tiny_writes_demo_json(tmp_path, monkeypatch):
     assert result["claims"][0]["better"]["name"] == "NoisyAnchor" and result["seed"] == 3
     assert set(result["tables"]["table2_7"]) == {"warmup", *na.DEMO_ARMS}
     assert result["tables"]["setting"]["topn"] >= 1
+    assert result["tables"]["setting"]["backbone"]["init"] == "demo classifier, 2 steps"
     with pytest.raises(SystemExit, match="not empty"):
         na.main(na.parse_args(argv))
     na.main(na.parse_args([*argv, "--resume", "auto"]))  # every stage reused

@@ -390,7 +390,10 @@ def test_flags_and_demo_defaults():
     assert not (off.certainty_aware or off.reweight or off.dynamic_threshold or off.cutout)
     d = sc.parse_args(["--demo", "--student-iters", "3", "--out", "runs/x"])
     assert d.student_iters == 3 and d.backbone == "resnet18" and d.device == "cpu" and d.long_tail == 4
-    assert d.output_dir == "runs/x" and d.num_buckets == 8 and d.pretrained == "none"
+    assert d.output_dir == "runs/x" and d.num_buckets == 8 and d.pretrained == "imagenet-standin"
+    assert d.demo_backbone_steps == 400 and (d.teacher_iters, d.student_iters) == (300, 3)
+    with pytest.raises(SystemExit):  # the stand-in exists only in the demo
+        sc.parse_args(["--pretrained", "imagenet-standin"])
     assert isinstance(d, argparse.Namespace)
 
 
@@ -407,14 +410,17 @@ def test_demo_writes_its_two_claims(tmp_path, monkeypatch):
                 "student": m(0.3 if ours else 0.25, 0.35 if ours else 0.3)}
 
     monkeypatch.setattr(sc, "run", fake_run)
+    monkeypatch.setattr(sc, "supervised_same_steps", lambda args, env: {"AP": 0.22, "AP50": 0.5, "AP75": 0.1, "AP_rare": 0.1})
     monkeypatch.setattr(sc, "plot_ap_vs_iou", lambda *a, **k: None)
-    sc.main(sc.parse_args(["--demo", "--seed", "3", "--out", str(tmp_path)]))
+    sc.main(sc.parse_args(["--demo", "--seed", "3", "--out", str(tmp_path), "--demo-backbone-steps", "0"]))
     result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["tables"]["setting"]["backbone"] == "none"
     assert result["seed"] == 3 and result["script"] == "ssod_certainty.py"
     (vs_teacher, vs_plain) = result["claims"]
     assert (vs_teacher["metric"], vs_teacher["better"]["value"], vs_teacher["worse"]["value"]) == ("AP", 0.3, 0.2)
     assert (vs_plain["metric"], vs_plain["better"]["value"], vs_plain["worse"]["value"]) == ("AP75", 0.35, 0.3)
     assert result["tables"]["pseudo_labels"]["ours"]["pseudo_boxes_per_image"] == 1.5
+    assert result["tables"]["methods"]["supervised, side-aware head, 600 steps"]["AP"] == 0.22
 
 
 def test_teacher_of_the_other_head_is_a_clear_error(tmp_path):

@@ -206,3 +206,21 @@ def test_one_cycle_runs_at_any_length(total, warmup):
     assert all(lr > 0 for lr in lrs) and max(lrs) == pytest.approx(1.0, rel=1e-6)
     if total >= 4:
         assert lrs[-1] < 0.5 * max(lrs) and lrs[0] < max(lrs)
+
+
+def test_imagenet_standin_trains_once_and_reads_back(tmp_path):
+    """common.demo.imagenet_standin: the demo classifier's weights, written under cache/backbones/
+    and read back by a second call (same tensors, cached=True, the first run's wall time); the
+    weights load into the demo detector's backbone; without a cache nothing is written."""
+    from common.demo import imagenet_standin
+
+    first = imagenet_standin(0, steps=2, images=40, cache=tmp_path, log=None)
+    assert not first["cached"] and first["path"].startswith(str(tmp_path / "backbones"))
+    again = imagenet_standin(0, steps=2, images=40, cache=tmp_path, log=None)
+    assert again["cached"] and again["wall_s"] == first["wall_s"]
+    assert all(torch.equal(first["state_dict"][k], again["state_dict"][k]) for k in first["state_dict"])
+    detector = build_demo_detector(len(SHAPES), pretrained=first["state_dict"])
+    assert torch.equal(detector.backbone.body.conv1.weight, first["state_dict"]["conv1.weight"])
+    other_seed = imagenet_standin(1, steps=2, images=40, cache=None, log=None)
+    assert other_seed["path"] is None and not torch.equal(other_seed["state_dict"]["conv1.weight"],
+                                                          first["state_dict"]["conv1.weight"])
