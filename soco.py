@@ -136,7 +136,7 @@ from common.synthetic import SyntheticDetection
 from common.detectors import C4Backbone, ResNetC5Head, build_detector, load_weights
 from common.distributed import barrier, cleanup, init_distributed, is_main, seed_everything, unwrap, wrap_ddp
 from common.engine import JsonlLogger, build_scheduler, load_checkpoint, resolve_resume, save_checkpoint, train_detector
-from common.evaluation import evaluate_detector, evaluation_metric
+from common.evaluation import evaluate_detector, evaluation_metric, format_ap
 from common.table import RaggedTable
 
 STAGES = ("pretrain", "proposals", "finetune", "export")
@@ -928,7 +928,7 @@ def stage_finetune(args, env) -> dict:
     metrics = evaluate_detector(model, test_loader, env.device, metric=evaluation_metric(test_data))
     if is_main():
         JsonlLogger(out / "metrics.jsonl").log(eval=True, **metrics)
-        print("  ".join(f"{k} {100 * metrics[k]:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
+        print("  ".join(f"{k} {format_ap(metrics[k])}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
                                                                  "voc07_mAP50") if k in metrics))
     return dict(metrics, train_images=len(train_set))
 
