@@ -212,7 +212,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--pretrained", default="torchvision",
                         help="backbone init: 'torchvision' (ImageNet IMAGENET1K_V1, the paper's), "
                              "'torchvision:IMAGENET1K_V2', a checkpoint path, or 'none' (random init, only with every "
-                             "layer trainable and --norm bn / gn / syncbn)")
+                             "layer trainable and --norm bn / gn / syncbn); the demo's default 'imagenet-standin' is "
+                             "common.demo's classifier (--demo only)")
     system.add_argument("--teacher", default=None, help="checkpoint of a trained teacher: skip its training")
     system.add_argument("--output-dir", "--out", default="runs/ssod_certainty")
     system.add_argument("--resume", default="",
@@ -882,7 +883,7 @@ DEMO_DEFAULTS = dict(
     synthetic_cache="runs/synthetic_cache", labeled_fraction=0.2, pretrained="imagenet-standin", backbone="resnet18", norm="bn",
     trainable_layers=5, min_size=64, max_size=64, train_scales=[64], batch_size=8, warmup_iters=50,
     teacher_iters=300, student_iters=300, num_buckets=8,  # K = 8 for 13-35 px objects (Table 3.6: K = 8 works)
-    tau=0.5,  # a teacher of 260 CPU steps scores lower than the paper's of 12k GPU iterations; both students use it
+    tau=0.5,  # a teacher of 300 CPU steps scores lower than the paper's of 12k GPU iterations; both students use it
     sampling="1:1",  # Table 3.3 right: half the student's images labelled (uniform: 1 in 5 at 20 % labelled)
     num_rare=3, heldout_images=0, workers=0, clip_grad=10.0, device="cpu", log_every=10,
     output_dir="runs/ssod_certainty_demo")
