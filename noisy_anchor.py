@@ -40,8 +40,11 @@ CHOICE: Eq. 2.1 is used as written (`--soft-focal literal`, the default): the fo
   measures each form's Table 2.7 (results/noisy_anchor.md): at 300 steps per arm after a shared
   400-step warm-up (seeds 0-2) the literal form falls below the baseline at 2 of 3 seeds (10.5 vs
   13.1 AP), QFL beats it at every seed (15.0 vs 13.1 AP, 11.4 vs 9.0 AP75) with Table 2.7's higher
-  IoU and Pearson r, blended in between (13.6). The default stays the literal reading; the paper
-  leaves the soft-target form open, and the measurement argues for QFL.
+  IoU and Pearson r, blended in between (13.6). The default stays the literal reading (the text's);
+  the paper leaves the soft-target form open, and both the measurement and Table 2.7's own
+  confidences (0.78-0.92, above the literal p* of 0.60 at c = 0.9) argue for QFL or blended.
+  Switching the default must keep `--baseline` on the plain focal loss (`soft_focal_loss` serves
+  the baseline's hard targets too: "literal" = torchvision's focal loss, "qfl" drops alpha).
 CHOICE: multi-class sigmoid: a positive's soft label c sits on its ground-truth class column, every
   other column is 0; r multiplies the anchor's whole row (all classes) and its regression loss.
 CHOICE: f(x) = 1 / (1 - x) is evaluated on loc_a and cls_c clamped to at most 1 - 1e-3 (f <= 1000)
