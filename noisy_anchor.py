@@ -84,7 +84,7 @@ DEVIATION: none in the method. The CPU demo (`demo`) runs common.demo's recipe (
   64 px synthetic scenes, ResNet-18 with trainable BN, anchors 16-256 on P3-P7) with two convs per
   head branch instead of RetinaNet's four (half the head's cost on a CPU). Its backbone starts from
   `common.demo.imagenet_standin` (the demo classifier, 400 steps on object-centric images) where the
-  paper starts from ImageNet: from random init both arms stayed near 2 AP and the claim was inside
+  paper, following RetinaNet's protocol (Sec. 2.5.1), starts from ImageNet weights: from random init both arms stayed near 2 AP and the claim was inside
   the seed noise (results/noisy_anchor.md). N is scaled to
   the anchors an object gets there: N = 30 x (mean anchors with IoU >= 0.5 per box in the demo's
   training scenes, ~6.2) / (the same for COCO's size mix at 800 px, 16.4; `COCO_ANCHORS_PER_GT`)
@@ -227,8 +227,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="demo: synthetic training and held-out scenes")
     system.add_argument("--demo-cache", default="runs/synthetic_cache", help="demo: render cache folder")
     system.add_argument("--demo-backbone-steps", type=int, default=None,
-                        help="demo: steps of the classifier whose backbone stands in for ImageNet weights (Sec. 2.4.1: "
-                             "ImageNet-pretrained ResNets); default common.demo.IMAGENET_STANDIN_STEPS, 0: random init")
+                        help="demo: steps of the classifier whose backbone stands in for ImageNet weights (Sec. 2.5.1 "
+                             "follows RetinaNet's protocol: ImageNet-pretrained ResNets); default "
+                             "common.demo.IMAGENET_STANDIN_STEPS, 0: random init")
     return p
 
 
