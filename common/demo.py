@@ -230,13 +230,14 @@ def imagenet_standin(seed: int, steps: int = IMAGENET_STANDIN_STEPS, images: int
     atomically to `cache/backbones/`; a later call with the same seed, steps and images reads them
     back (wall_s: the original training time). Without `cache` nothing is written ("path": None)."""
     from .detectors import build_classifier
+    from .engine import load_checkpoint, save_checkpoint
     from .synthetic import SHAPES, SyntheticDetection
 
     path = None
     if cache:
         path = Path(cache) / "backbones" / f"classifier-s{seed}-{steps}steps-{images}img.pth"
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_checkpoint(path)
             return {"state_dict": saved["model"], "steps": steps, "wall_s": saved["wall_s"], "cached": True, "path": str(path)}
     objects = SyntheticDetection(images, DEMO_RECIPE["object_size"], mode="object", seed=1000 * seed + 1, cache=cache)
     rng_state = torch.get_rng_state()
@@ -246,10 +247,7 @@ def imagenet_standin(seed: int, steps: int = IMAGENET_STANDIN_STEPS, images: int
     torch.set_rng_state(rng_state)  # the caller's random stream does not depend on the cache
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"model": state, "wall_s": wall}, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, {"model": state, "wall_s": wall})
     return {"state_dict": state, "steps": steps, "wall_s": wall, "cached": False, "path": str(path) if path else None}
 
 
