@@ -29,22 +29,21 @@ CHOICE: both RetinaNet losses are normalised per image by |A_pos| of that image 
   images (torchvision's RetinaNet normalisation); r is normalised to mean 1 over each image's
   positives, so that the r-weighted sums keep the same scale. With soft labels the normaliser is
   still the count |A_pos|, not the sum of c.
-CHOICE: Eq. 2.1 is used as written (`--soft-focal literal`, the default): the focal weights stay on
-  their own terms, -c alpha_f (1-p)^gamma_f log p - (1-c)(1-alpha_f) p^gamma_f log(1-p), with
-  RetinaNet's alpha_f = 0.25, gamma_f = 2. For hard labels this is torchvision's `sigmoid_focal_loss`
-  exactly. For a soft target its per-element minimum lies far below c (c = 0.3 / 0.5 / 0.7 / 0.9 ->
-  p* = 0.33 / 0.40 / 0.48 / 0.60), so the positives' confidences settle well under c and under the
-  0.78-0.92 of Table 2.7. The alternatives: `--soft-focal blended`, torchvision's op on soft targets
-  (alpha_t (1-p_t)^gamma BCE, p_t = p c + (1-p)(1-c); p* = 0.12 / 0.50 / 0.88 / 0.99), and
-  `--soft-focal qfl`, GFL's Quality Focal Loss |c-p|^gamma BCE(p, c) without alpha (p* = c). The demo
-  measures each form's Table 2.7 (results/noisy_anchor.md): at 300 steps per arm after a shared
-  400-step warm-up (seeds 0-2) the literal form falls below the baseline at 2 of 3 seeds (10.5 vs
-  13.1 AP), QFL beats it at every seed (15.0 vs 13.1 AP, 11.4 vs 9.0 AP75) with Table 2.7's higher
-  IoU and Pearson r, blended in between (13.6). The default stays the literal reading (the text's);
-  the paper leaves the soft-target form open, and both the measurement and Table 2.7's own
-  confidences (0.78-0.92, above the literal p* of 0.60 at c = 0.9) argue for QFL or blended.
-  Switching the default must keep `--baseline` on the plain focal loss (`soft_focal_loss` serves
-  the baseline's hard targets too: "literal" = torchvision's focal loss, "qfl" drops alpha).
+CHOICE: Eq. 2.1 with a soft target c (the text writes it for t in {0, 1} and leaves the soft form
+  open): GFL's Quality Focal Loss, |c - p|^gamma_f BCE(p, c) without alpha (`--soft-focal qfl`, the
+  default), the focal weighting whose per-element minimum is p* = c, as plain BCE's is: the soft
+  label is then the confidence the positive is asked for, which is what Table 2.7 reports
+  (confidences 0.78-0.92). Eq. 2.1 read literally, -c alpha_f (1-p)^gamma_f log p
+  - (1-c)(1-alpha_f) p^gamma_f log(1-p) (`--soft-focal literal`, RetinaNet's alpha_f 0.25 and
+  gamma_f 2), has its minimum far below c (c = 0.3 / 0.5 / 0.7 / 0.9 -> p* = 0.33 / 0.40 / 0.48 /
+  0.60; Table 2.7's confidences lie above 0.60); torchvision's op on soft targets (`--soft-focal
+  blended`: alpha_t (1-p_t)^gamma BCE, p_t = p c + (1-p)(1-c)) pushes it away from 0.5 (p* = 0.12 /
+  0.50 / 0.88 / 0.99). Hard labels (the baseline, `--no-soft-labels`) always get the plain focal
+  loss, Eq. 2.1 with alpha_f 0.25 / gamma_f 2 (= torchvision's `sigmoid_focal_loss`), whatever
+  `--soft-focal` says. Measured in the demo (results/noisy_anchor.md, 400-step warm-up + 300 steps
+  per arm, seeds 0-2): QFL beats the baseline at every seed (15.0 vs 13.1 AP, 11.4 vs 9.0 AP75) with
+  Table 2.7's higher IoU and Pearson r, the literal form at 1 of 3 (10.5 AP: its confidences stay at
+  0.28 and its top predictions' IoU does not rise), blended at 2 of 3 (13.6).
 CHOICE: multi-class sigmoid: a positive's soft label c sits on its ground-truth class column, every
   other column is 0; r multiplies the anchor's whole row (all classes) and its regression loss.
 CHOICE: f(x) = 1 / (1 - x) is evaluated on loc_a and cls_c clamped to at most 1 - 1e-3 (f <= 1000)
@@ -164,9 +163,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="the plain detector: --assign iou --no-soft-labels --no-reweight")
     paper.add_argument("--iou-thresholds", type=float, nargs=2, default=None, metavar=("FG", "BG"),
                        help="Eq. 2.2 thresholds for --assign iou (default: RetinaNet 0.5 0.4, RPN 0.7 0.3)")
-    paper.add_argument("--soft-focal", default="literal", choices=SOFT_FOCAL,
-                       help="focal BCE with a soft target c: Eq. 2.1 as written (literal), torchvision's "
-                            "sigmoid_focal_loss (blended) or GFL's quality focal loss (qfl); CHOICE in the header")
+    paper.add_argument("--soft-focal", default="qfl", choices=SOFT_FOCAL,
+                       help="Eq. 2.1's focal BCE with a soft target c: GFL's quality focal loss (qfl, minimum at "
+                            "p = c), Eq. 2.1 read literally (literal) or torchvision's sigmoid_focal_loss (blended); "
+                            "hard labels always get the plain focal loss; CHOICE in the header")
     paper.add_argument("--focal-alpha", type=float, default=0.25, help="focal loss alpha (RetinaNet, Eq. 2.1 w_p/w_n)")
     paper.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (RetinaNet, Eq. 2.1 w_p/w_n)")
     paper.add_argument("--smooth-l1-beta", type=float, default=0.11,
@@ -309,7 +309,7 @@ def quality_focal_loss(logits: torch.Tensor, t: torch.Tensor, beta: float = 2.0)
 SOFT_FOCAL = ("literal", "blended", "qfl")
 
 
-def soft_focal_loss(logits: torch.Tensor, t: torch.Tensor, kind: str = "literal", alpha: float = 0.25,
+def soft_focal_loss(logits: torch.Tensor, t: torch.Tensor, kind: str = "qfl", alpha: float = 0.25,
                     gamma: float = 2.0) -> torch.Tensor:
     """The focal-weighted BCE of Eq. 2.5 with a soft target t (`--soft-focal`, CHOICE in the header):
     "literal" Eq. 2.1 with t replaced by c (`focal_bce`); "blended" torchvision's `sigmoid_focal_loss`
@@ -325,11 +325,12 @@ def soft_focal_loss(logits: torch.Tensor, t: torch.Tensor, kind: str = "literal"
 
 
 def noisy_anchor_losses(cls_logits, bbox_regression, anchors, targets, matched_idxs, box_coder, *,
-                        alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True, soft_focal="literal",
+                        alpha=0.75, gamma=1.0, soft_labels=True, reweighting=True, soft_focal="qfl",
                         focal_alpha=0.25, focal_gamma=2.0, beta=0.11) -> dict:
     """Eq. 2.5-2.6 for RetinaNet. cls_logits (B, A, K), bbox_regression (B, A, 4), anchors list of
     (A, 4), targets list of dicts, matched_idxs list of (A,) (>= 0: A_pos with its GT, -1: A_neg,
-    -2: ignored, as torchvision's Matcher). With soft labels and re-weighting off this is plain
+    -2: ignored, as torchvision's Matcher). `soft_focal` is the loss on soft targets; hard labels
+    (soft_labels=False) get the plain focal loss, so with soft labels and re-weighting off this is
     focal loss + smooth L1 on the given assignment, normalised like torchvision's RetinaNet.
     Computed in float32 whatever the head returns (under --amp its outputs are float16 / bfloat16)."""
     cls_logits, bbox_regression = cls_logits.float(), bbox_regression.float()
@@ -351,7 +352,8 @@ def noisy_anchor_losses(cls_logits, bbox_regression, anchors, targets, matched_i
             w = torch.ones_like(logits[:, 0])  # (A,): negatives keep weight 1
             w[pos] = r
         num_pos = max(1, pos.numel())
-        per_anchor = soft_focal_loss(logits[valid], t[valid], soft_focal, focal_alpha, focal_gamma).sum(dim=1)  # (A_valid,)
+        form = soft_focal if soft_labels else "literal"  # hard t: Eq. 2.1 = the plain focal loss
+        per_anchor = soft_focal_loss(logits[valid], t[valid], form, focal_alpha, focal_gamma).sum(dim=1)  # (A_valid,)
         cls_losses.append((w[valid] * per_anchor).sum() / num_pos)  # Eq. 2.5
         reg_targets = box_coder.encode_single(gt_boxes, anchors_i[pos])
         reg = F.smooth_l1_loss(deltas[pos], reg_targets, beta=beta, reduction="none").sum(dim=1)  # (P,)
@@ -773,9 +775,9 @@ DEMO_DEFAULTS = dict(device="cpu", workers=0, batch_size=8, output_dir="runs/noi
 COCO_ANCHORS_PER_GT = 16.4
 DEMO_ARMS = {  # name -> flags on top of the paper's defaults
     "baseline": BASELINE_FLAGS,
-    "noisy_anchor": {},  # --soft-focal literal (the default)
+    "noisy_anchor": {},  # --soft-focal qfl (the default)
+    "noisy_anchor_literal": {"soft_focal": "literal"},
     "noisy_anchor_blended": {"soft_focal": "blended"},
-    "noisy_anchor_qfl": {"soft_focal": "qfl"},
 }
 DEMO_HEAD_CONVS = 2  # demo only: two 3x3 convs per head branch (RetinaNet: 4), half the head's cost
 

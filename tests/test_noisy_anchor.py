@@ -131,6 +131,10 @@ def test_loss_is_plain_focal_loss_on_topn_when_switched_off():
         reg_ref.append((d[pos] - reg_t).abs().sum() / num_pos)
     assert torch.allclose(losses["classification"], sum(cls_ref) / 3, rtol=1e-5)
     assert torch.allclose(losses["bbox_regression"], sum(reg_ref) / 3, rtol=1e-5)
+    for kind in na.SOFT_FOCAL:  # hard labels get the plain focal loss whatever --soft-focal says
+        other = na.noisy_anchor_losses(cls_logits, deltas, anchors, targets, matched, box_coder,
+                                       soft_labels=False, reweighting=False, beta=0.0, soft_focal=kind)
+        assert torch.allclose(other["classification"], losses["classification"], rtol=1e-6), kind
 
 
 @pytest.mark.parametrize("flags", [["--baseline"], ["--no-soft-labels", "--no-reweight"]])
@@ -321,7 +325,7 @@ def test_baseline_flag_and_demo_defaults():
     d = na.parse_args(["--demo", "--out", "x"])
     assert d.output_dir == "x" and d.device == "cpu" and d.workers == 0
     p = na.parse_args([])
-    assert (p.topn, p.alpha, p.gamma, p.lr, p.schedule, p.batch_size, p.soft_focal) == (30, 0.75, 1.0, 0.005, "1x", 8, "literal")
+    assert (p.topn, p.alpha, p.gamma, p.lr, p.schedule, p.batch_size, p.soft_focal) == (30, 0.75, 1.0, 0.005, "1x", 8, "qfl")
     assert na.schedule(p) == {"lr": 0.005, "iters": 180_000, "warmup": 500, "milestones": (120_000, 160_000)}
     assert na.parse_args(["--arch", "faster_rcnn_fpn"]).lr == 0.01
     with pytest.raises(SystemExit):
