@@ -1,5 +1,5 @@
 # usage: python benchmarks/probe_jigsaw.py OUT [--seed S] [--steps N] [--mode assembled|samples]
-#                                          [--strategy blockwise|erf|global] [--scale LO HI] [--input-size PX]
+#                                          [--strategy blockwise|erf|global] [--scale LO HI] [--input-size PX] [--split PX]
 """Does the demo's Jigsaw pre-training learn, and do its samples carry their labels? On the demo's
 sample table (`jigsaw.DEMO`'s scenes, Sec. 3.1) and a second table cut from held-out scenes:
   assembled: Jigsaw pre-training (`jigsaw.demo_pretrain`, 8 assembled images a step), then region
@@ -30,6 +30,7 @@ p.add_argument("--mode", choices=["assembled", "samples"], default="assembled")
 p.add_argument("--strategy", choices=list(J.DEMO_STRATEGIES), default="blockwise")
 p.add_argument("--scale", type=float, nargs=2, default=list(J.DEMO["scale_range"]))
 p.add_argument("--input-size", type=int, default=160)
+p.add_argument("--split", type=int, default=J.DEMO["split"], help="the template's cut (R1 is split x split px)")
 a = p.parse_args()
 torch.set_num_threads(1)
 out = Path(a.out)
@@ -39,7 +40,7 @@ heldout = SyntheticDetection(200, 64, seed=1000 * a.seed + 2, cache=out / "cache
 for ds, name in ((train, "samples_train"), (heldout, "samples_heldout")):
     if not (out / name / "meta.json").is_file():
         J.extract_samples(ds, out / name, a.seed)
-template = J.Template(a.input_size, J.DEMO["split"])
+template = J.Template(a.input_size, a.split)
 asm = {name: J.JigsawAssembly(ds, J.load_sample_table(out / name), template, "padcrop", a.scale)
        for ds, name in ((train, "samples_train"), (heldout, "samples_heldout"))}
 classes = asm["samples_train"].classes
@@ -84,7 +85,7 @@ else:
         acc = (torch.cat([net(xv[i:i + 256]).argmax(1) for i in range(0, len(yv), 256)]) == yv).float().mean().item()
 labels = torch.as_tensor(asm["samples_heldout"].labels).long()
 res = {"mode": a.mode, "strategy": a.strategy if a.mode == "assembled" else None, "scale": a.scale,
-       "input_size": a.input_size, "steps": a.steps, "seed": a.seed, "heldout_accuracy": round(acc, 4),
+       "input_size": a.input_size, "split": a.split, "steps": a.steps, "seed": a.seed, "heldout_accuracy": round(acc, 4),
        "commonest_class_share": round(torch.bincount(labels).max().item() / len(labels), 4),
        "cpu_s": round(time.process_time() - t0, 1)}
 (out / f"probe_{a.mode}.json").write_text(json.dumps(res))

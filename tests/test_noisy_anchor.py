@@ -155,7 +155,8 @@ def test_switched_off_head_equals_torchvision_retinanet_loss(flags):
 
 
 def test_soft_labels_and_weights_enter_the_loss_without_gradient_paths():
-    """The gradient w.r.t. the logits is that of focal_bce with c and r held constant."""
+    """The gradient w.r.t. the logits is that of the default soft focal form (QFL) with c and r held
+    constant."""
     from torchvision.models.detection._utils import BoxCoder
 
     cls_logits, deltas, anchors, targets = _retina_inputs(seed=3)
@@ -176,7 +177,7 @@ def test_soft_labels_and_weights_enter_the_loss_without_gradient_paths():
     target[pos, lab] = c
     w = torch.ones(len(x))
     w[pos] = r
-    ref = (w * na.focal_bce(x, target).sum(1)).sum() / len(pos)
+    ref = (w * na.soft_focal_loss(x, target, "qfl").sum(1)).sum() / len(pos)
     reg_t = box_coder.encode_single(t["boxes"][m[pos]], a[pos])
     ref = ref + (r * torch.nn.functional.smooth_l1_loss(y[pos], reg_t, beta=0.11, reduction="none").sum(1)).sum() / len(pos)
     rx, ry = torch.autograd.grad(ref, (x, y))
