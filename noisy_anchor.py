@@ -41,9 +41,10 @@ CHOICE: Eq. 2.1 with a soft target c (the text writes it for t in {0, 1} and lea
   0.50 / 0.88 / 0.99). Hard labels (the baseline, `--no-soft-labels`) always get the plain focal
   loss, Eq. 2.1 with alpha_f 0.25 / gamma_f 2 (= torchvision's `sigmoid_focal_loss`), whatever
   `--soft-focal` says. Measured in the demo (results/noisy_anchor.md, 400-step warm-up + 300 steps
-  per arm, seeds 0-2): QFL beats the baseline at every seed (15.0 vs 13.1 AP, 11.4 vs 9.0 AP75) with
-  Table 2.7's higher IoU and Pearson r, the literal form at 1 of 3 (10.5 AP: its confidences stay at
-  0.28 and its top predictions' IoU does not rise), blended at 2 of 3 (13.6).
+  per arm, seeds 0-4): QFL beats the baseline at 4 of 5 seeds (14.1 vs 13.3 AP; seeds 0-2: 15.0 vs
+  13.1 AP, 11.4 vs 9.0 AP75, with Table 2.7's higher IoU and Pearson r; seed 3 falls to 10.5 vs 14.3),
+  the literal form at 2 of 5 (its confidences stay low and its top predictions' IoU does not rise),
+  blended at 3 of 5. The choice rests on the minimum at p = c, not on these counts.
 CHOICE: multi-class sigmoid: a positive's soft label c sits on its ground-truth class column, every
   other column is 0; r multiplies the anchor's whole row (all classes) and its regression loss.
 CHOICE: f(x) = 1 / (1 - x) is evaluated on loc_a and cls_c clamped to at most 1 - 1e-3 (f <= 1000)
