@@ -1,0 +1,95 @@
+# usage: python benchmarks/probe_noisy_anchor.py OUT --seed S [--arm NAME:key=value,key=value ...]
+"""What do NoisyAnchor's cleanliness scores look like while the demo trains, and which variant of
+the soft labels / re-weighting holds up? Runs `noisy_anchor.demo` at one seed in OUT (its warm-up
+and finished arms are reused through --resume auto) with the arms given (always also the baseline
+and the default `noisy_anchor`), and logs per 25 steps of each arm: mean loc_a, cls_c, c, the share
+of positives with loc_a < 0.3, and the re-weighting's spread (max r, the largest anchor's share of
+an image's r). Arm keys: the script's flags (soft_focal, soft_labels, reweight, assign, alpha) and
+`eps` (f(x) = 1 / (1 - x) clamped at x <= 1 - eps; the script's EPS is 1e-3). The last line printed
+is a JSON object: every arm's AP / AP75 and its statistics averaged over the arm's last 100 steps."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, ".")
+import noisy_anchor as NA  # noqa: E402
+from common.distributed import init_distributed  # noqa: E402
+
+
+def parse_arm(text: str):
+    name, _, spec = text.partition(":")
+    flags = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=")
+        flags[key] = {"true": True, "false": False}.get(value.lower(), value)
+        if key in ("eps", "alpha"):
+            flags[key] = float(value)
+    return name, flags
+
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("out")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--arm", action="append", default=[], type=parse_arm)
+a = p.parse_args()
+torch.set_num_threads(1)
+
+arms = {"baseline": NA.BASELINE_FLAGS, "noisy_anchor": {}}
+for name, flags in a.arm:
+    arms[name] = {("probe_eps" if k == "eps" else k): v for k, v in flags.items()}
+NA.DEMO_ARMS = arms
+
+current = {"name": "warmup", "eps": NA.EPS}
+stats: dict[str, list] = {}
+_demo_model, _cleanliness, _reweight = NA.demo_model, NA.cleanliness, NA.reweight
+
+
+def demo_model(num_classes, flags, pretrained=None):
+    """The demo's model; notes which arm it is for (the most specific arm whose flags all match)."""
+    matching = [(len(arm), name) for name, arm in arms.items() if all(getattr(flags, k, None) == v for k, v in arm.items())]
+    current["name"] = max(matching)[1] if matching else "warmup"
+    current["eps"] = getattr(flags, "probe_eps", NA.EPS)
+    return _demo_model(num_classes, flags, pretrained)
+
+
+def cleanliness(loc_a, cls_c, alpha=0.75):
+    c = _cleanliness(loc_a, cls_c, alpha)
+    if len(loc_a):
+        stats.setdefault(current["name"], []).append(
+            {"loc_a": loc_a.mean().item(), "cls_c": cls_c.mean().item(), "c": c.mean().item(),
+             "low_iou": (loc_a < 0.3).float().mean().item(), "n_pos": len(loc_a)})
+    return c
+
+
+def reweight(loc_a, cls_c, alpha=0.75, gamma=1.0, eps=None):
+    r = _reweight(loc_a, cls_c, alpha, gamma, current["eps"])
+    if len(r) and stats.get(current["name"]):
+        stats[current["name"]][-1].update(r_max=r.max().item(), r_top_share=(r.max() / r.sum()).item())
+    return r
+
+
+NA.demo_model, NA.cleanliness, NA.reweight = demo_model, cleanliness, reweight
+args = NA.parse_args(["--demo", "--seed", str(a.seed), "--out", a.out, "--resume", "auto"])
+env = init_distributed(args.device)
+result = NA.demo(args, env)
+
+tables = json.loads(Path(a.out, "demo.json").read_text())["tables"]
+summary = {"seed": a.seed, "arms": {}}
+for name, flags in arms.items():
+    rows = stats.get(name, [])
+    last = rows[-800:] if rows else []
+    keys = sorted({k for r in last for k in r})
+    summary["arms"][name] = {"flags": flags, "AP": tables["ap"][name]["AP"], "AP75": tables["ap"][name]["AP75"],
+                             **{k: round(sum(r[k] for r in last if k in r) / max(1, sum(k in r for r in last)), 4)
+                                for k in keys}}
+    if rows:
+        with open(Path(a.out, name, "stats.jsonl"), "w") as fh:
+            for i in range(0, len(rows), 200):  # 25 steps of 8 images
+                chunk = rows[i:i + 200]
+                fh.write(json.dumps({"step": (i + len(chunk)) // 8, **{
+                    k: round(sum(r[k] for r in chunk if k in r) / max(1, sum(k in r for r in chunk)), 4)
+                    for k in sorted({k for r in chunk for k in r})}}) + "\n")
+print(json.dumps(summary))
