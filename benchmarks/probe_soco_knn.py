@@ -1,4 +1,4 @@
-# usage: python benchmarks/probe_soco_knn.py EPOCHS OUT [bn-batch] [-- soco.py flags, e.g. --tau 0.69]   (EPOCHS 0: probe the snapshots already in OUT)
+# usage: python benchmarks/probe_soco_knn.py EPOCHS OUT [bn-batch] [-- soco.py flags, e.g. --tau 0.69, or DEMO.key=value]   (EPOCHS 0: probe the snapshots already in OUT)
 """Does the demo's SoCo pre-training learn anything? k-NN top-1 (k=20, cosine) of the backbone's
 pooled C5 (and FPN P2-P5) features on held-out object-centric images, random init vs SoCo per epoch."""
 import sys, time, shutil
@@ -11,7 +11,9 @@ from common.synthetic import SyntheticDetection
 torch.set_num_threads(1)
 epochs = int(sys.argv[1]); root = Path(sys.argv[2]); BN_BATCH = "bn-batch" in sys.argv[:sys.argv.index("--") if "--" in sys.argv else None]; EVERY = 1 if epochs == 0 else 2
 soco.DEMO = dict(soco.DEMO, epochs=epochs)
-extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []  # e.g. --tau 0.69 --base-lr 0.5
+extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []  # e.g. --tau 0.69, or DEMO.trust_coeff=0.016
+soco.DEMO.update({kv[5:].split("=")[0]: float(kv.split("=")[1]) for kv in extra if kv.startswith("DEMO.")})
+extra = [x for x in extra if not x.startswith("DEMO.")]
 args = soco.get_args_parser().parse_args(["--demo", "--out", str(root), *extra])
 env = init_distributed("cpu")
 orig = soco.save_checkpoint
