@@ -6,7 +6,9 @@ and the default `noisy_anchor`), and logs per 25 steps of each arm: mean loc_a, 
 of positives with loc_a < 0.3, and the re-weighting's spread (max r, the largest anchor's share of
 an image's r). Arm keys: the script's flags (soft_focal, soft_labels, reweight, assign, alpha) and
 `eps` (f(x) = 1 / (1 - x) clamped at x <= 1 - eps; the script's EPS is 1e-3). The last line printed
-is a JSON object: every arm's AP / AP75 and its statistics averaged over the arm's last 100 steps."""
+is a JSON object: every arm's AP / AP75 and its statistics averaged over the arm's last 100 steps
+(OUT/ARM/stats.jsonl counts a step as 8 images with positives, the demo's batch; an image without
+positives adds no row, so its step numbers are approximate)."""
 import argparse
 import json
 import sys
