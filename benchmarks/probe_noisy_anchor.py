@@ -67,31 +67,32 @@ def cleanliness(loc_a, cls_c, alpha=0.75):
 
 
 def reweight(loc_a, cls_c, alpha=0.75, gamma=1.0, eps=None):
+    """Eq. 2.4 with the current arm's eps (the caller's is ignored), noting the spread of r."""
     r = _reweight(loc_a, cls_c, alpha, gamma, current["eps"])
     if len(r) and stats.get(current["name"]):
         stats[current["name"]][-1].update(r_max=r.max().item(), r_top_share=(r.max() / r.sum()).item())
     return r
 
 
+def mean_rows(rows: list[dict]) -> dict:
+    """Each statistic's mean over the rows that have it (r_* only where re-weighting is on)."""
+    keys = sorted({k for r in rows for k in r})
+    return {k: round(sum(r[k] for r in rows if k in r) / sum(k in r for r in rows), 4) for k in keys}
+
+
 NA.demo_model, NA.cleanliness, NA.reweight = demo_model, cleanliness, reweight
 args = NA.parse_args(["--demo", "--seed", str(a.seed), "--out", a.out, "--resume", "auto"])
-env = init_distributed(args.device)
-result = NA.demo(args, env)
+NA.demo(args, init_distributed(args.device))
 
 tables = json.loads(Path(a.out, "demo.json").read_text())["tables"]
 summary = {"seed": a.seed, "arms": {}}
 for name, flags in arms.items():
     rows = stats.get(name, [])
-    last = rows[-800:] if rows else []
-    keys = sorted({k for r in last for k in r})
     summary["arms"][name] = {"flags": flags, "AP": tables["ap"][name]["AP"], "AP75": tables["ap"][name]["AP75"],
-                             **{k: round(sum(r[k] for r in last if k in r) / max(1, sum(k in r for r in last)), 4)
-                                for k in keys}}
+                             **mean_rows(rows[-800:])}  # the last 100 steps of 8 images
     if rows:
         with open(Path(a.out, name, "stats.jsonl"), "w") as fh:
             for i in range(0, len(rows), 200):  # 25 steps of 8 images
                 chunk = rows[i:i + 200]
-                fh.write(json.dumps({"step": (i + len(chunk)) // 8, **{
-                    k: round(sum(r[k] for r in chunk if k in r) / max(1, sum(k in r for r in chunk)), 4)
-                    for k in sorted({k for r in chunk for k in r})}}) + "\n")
+                fh.write(json.dumps({"step": (i + len(chunk)) // 8, **mean_rows(chunk)}) + "\n")
 print(json.dumps(summary))

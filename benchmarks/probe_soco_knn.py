@@ -9,9 +9,10 @@ import soco
 from common.distributed import init_distributed
 from common.synthetic import SyntheticDetection
 torch.set_num_threads(1)
-epochs = int(sys.argv[1]); root = Path(sys.argv[2]); BN_BATCH = "bn-batch" in sys.argv[:sys.argv.index("--") if "--" in sys.argv else None]; EVERY = 1 if epochs == 0 else 2
+cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv); own, extra = sys.argv[:cut], sys.argv[cut + 1:]
+epochs = int(own[1]); root = Path(own[2]); BN_BATCH = "bn-batch" in own; EVERY = 1 if epochs == 0 else 2
 soco.DEMO = dict(soco.DEMO, epochs=epochs)
-extra = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []  # e.g. --tau 0.69, or DEMO.trust_coeff=0.016
+# extra: soco.py flags (e.g. --tau 0.69) and DEMO.key=value (e.g. DEMO.trust_coeff=0.016)
 soco.DEMO.update({kv[5:].split("=")[0]: float(kv.split("=")[1]) for kv in extra if kv.startswith("DEMO.")})
 extra = [x for x in extra if not x.startswith("DEMO.")]
 args = soco.get_args_parser().parse_args(["--demo", "--out", str(root), *extra])
