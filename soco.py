@@ -1047,6 +1047,42 @@ def stage_export(args) -> Path:
 #   machine's wall time would be; a loaded machine's wall time is not), kept in demo.json.
 DEMO = dict(pre_images=640, epochs=4, batch_size=32, view_size=48, v3_size=24, trust_coeff=0.001 * 2048 / 32,
             proj_hidden=1024, scenes=1000, fraction=0.05, ft_steps=150, test_scenes=300)
+# With --demo these flags, given explicitly, replace DEMO's value (a --batch-size without
+# --trust-coeff rescales the trust coefficient by the same rule, 0.001 x 2048 / batch) ...
+DEMO_FLAGS = ("epochs", "batch_size", "trust_coeff", "view_size", "v3_size", "proj_hidden")
+# ... and these the demo sets itself, so giving one with --demo is an error (with the fine-tuning
+# and export groups' flags: the demo fine-tunes common.demo's detector at its recipe).
+DEMO_SETS = ("stage", "arch", "backbone", "warmup_epochs", "box_head", "box_head_dim", "roi_sampling_ratio",
+             "proposals_kind", "proposals", "ss_workers", "shard_size", "data", "synthetic_images", "synthetic_mode",
+             "test_images", "image_size", "workers", "device", "amp", "max_steps", "checkpoint_every", "log_every")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; with --demo, `demo_overrides` holds the DEMO_FLAGS given explicitly, and a
+    flag the demo sets itself stops with an error instead of being ignored."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        unset = object()
+        probe = get_args_parser()
+        probe.set_defaults(**{a.dest: unset for a in probe._actions})
+        given = {k for k, v in vars(probe.parse_args(argv)).items() if v is not unset}
+        own = set(DEMO_SETS) | {a.dest for g in parser._action_groups if g.title.startswith(("fine-tuning", "export"))
+                                for a in g._group_actions}
+        if given & own:
+            parser.error(f"--demo sets {', '.join('--' + k.replace('_', '-') for k in sorted(given & own))} itself "
+                         f"(the demo recipe in the header): drop them, or run the stages without --demo")
+        args.demo_overrides = {k: getattr(args, k) for k in DEMO_FLAGS if k in given}
+    return args
+
+
+def demo_settings(args) -> dict:
+    """DEMO with the DEMO_FLAGS given on the command line (see parse_args)."""
+    over = getattr(args, "demo_overrides", {})
+    d = {**DEMO, **over}
+    if "batch_size" in over and "trust_coeff" not in over:
+        d["trust_coeff"] = 0.001 * 2048 / d["batch_size"]  # the paper's update size (lr x trust) at this batch
+    return d
 
 
 class StageClock:
@@ -1066,7 +1102,7 @@ class StageClock:
 
 def demo_pretrain_args(args, root: Path, kind: str, seed: int) -> argparse.Namespace:
     """stage_proposals / stage_pretrain arguments for SoCo (or image-level BYOL for kind="whole") at the demo's budget."""
-    d = DEMO
+    d = demo_settings(args)
     return argparse.Namespace(**dict(
         vars(args), demo=False, data="synthetic", synthetic_images=d["pre_images"], image_size=64,
         synthetic_mode="object", seed=seed, backbone="resnet18", workers=0, resume=args.resume, log_every=10,
@@ -1081,7 +1117,7 @@ def demo_pretrain_args(args, root: Path, kind: str, seed: int) -> argparse.Names
 def run_demo(args, env) -> dict:
     """Pre-train SoCo (and, with --demo-byol, image-level BYOL) on unlabelled images, fine-tune the
     demo detector from each and from random init on 50 labelled scenes, write OUT/demo.json."""
-    d, s = DEMO, args.seed
+    d, s = demo_settings(args), args.seed
     root = Path(args.out if args.out != get_args_parser().get_default("out") else "runs/soco_demo")
     clock, t0 = StageClock(), time.perf_counter()
     soco_args = demo_pretrain_args(args, root, "selective_search", 1000 * s + 1)
@@ -1154,4 +1190,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

@@ -15,7 +15,7 @@ soco.DEMO = dict(soco.DEMO, epochs=epochs)
 # extra: soco.py flags (e.g. --tau 0.69) and DEMO.key=value (e.g. DEMO.trust_coeff=0.016)
 soco.DEMO.update({kv[5:].split("=")[0]: float(kv.split("=")[1]) for kv in extra if kv.startswith("DEMO.")})
 extra = [x for x in extra if not x.startswith("DEMO.")]
-args = soco.get_args_parser().parse_args(["--demo", "--out", str(root), *extra])
+args = soco.parse_args(["--demo", "--out", str(root), *extra])
 env = init_distributed("cpu")
 orig = soco.save_checkpoint
 snaps = []

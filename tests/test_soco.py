@@ -4,6 +4,7 @@ with exact resume, fine-tuning, the demo, 2-process torchrun)."""
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -518,6 +519,21 @@ def test_demo_runs_end_to_end_and_writes_demo_json(tmp_path, monkeypatch):
     w = load_checkpoint(tmp_path / "pretrain_selective_search" / "soco_weights.pth")["model"]
     assert "roi_heads.box_head.fc6.weight" in w  # the demo detector's head is pre-trained and transferred
     assert parse("--demo").demo and parse().stage == "pretrain" and parse().epochs == 100
+
+
+def test_demo_takes_its_budget_flags_and_refuses_the_ones_it_sets():
+    # a budget flag given with --demo replaces DEMO's value (it was silently ignored before)
+    a = soco.parse_args(["--demo", "--trust-coeff", "0.02", "--epochs", "2"])
+    d = soco.demo_settings(a)
+    assert (d["trust_coeff"], d["epochs"], d["batch_size"]) == (0.02, 2, soco.DEMO["batch_size"])
+    assert soco.demo_pretrain_args(a, Path("x"), "selective_search", 1).trust_coeff == 0.02
+    b = soco.demo_settings(soco.parse_args(["--demo", "--batch-size", "64"]))
+    assert b["batch_size"] == 64 and b["trust_coeff"] == pytest.approx(0.001 * 2048 / 64)  # the header's rule
+    assert soco.demo_settings(soco.parse_args(["--demo"])) == soco.DEMO
+    for flag in (["--det-iters", "5"], ["--backbone", "resnet50"], ["--amp"], ["finetune"]):
+        with pytest.raises(SystemExit):  # the demo sets these itself: an error, not ignored
+            soco.parse_args(["--demo", *flag])
+    assert soco.parse_args(["--epochs", "3"]).epochs == 3  # without --demo nothing changes
 
 
 def test_cli_defaults_are_the_papers():
