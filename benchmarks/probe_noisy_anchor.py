@@ -4,9 +4,12 @@ the soft labels / re-weighting holds up? Runs `noisy_anchor.demo` at one seed in
 and finished arms are reused through --resume auto) with the arms given (always also the baseline
 and the default `noisy_anchor`), and logs per 25 steps of each arm: mean loc_a, cls_c, c, the share
 of positives with loc_a < 0.3, and the re-weighting's spread (max r, the largest anchor's share of
-an image's r). Arm keys: the script's flags (soft_focal, soft_labels, reweight, assign, alpha) and
-`eps` (f(x) = 1 / (1 - x) clamped at x <= 1 - eps; the script's EPS is 1e-3). The last line printed
-is a JSON object: every arm's AP / AP75 and its statistics averaged over the arm's last 100 steps
+an image's r). Arm keys: the script's flags (soft_focal, soft_labels, reweight, assign, alpha),
+`eps` (f(x) = 1 / (1 - x) clamped at x <= 1 - eps; the script's EPS is 1e-3), `batches` (the arm's
+batch order: seed + batches; the demo's is 1, so `batches=2` is the same arm on another order of
+the same training scenes), `like=baseline` (start from the baseline's flags) and `lr` (the arm's
+peak learning rate; the demo's is common.demo's DEMO_RECIPE detector lr, 1e-3; the warm-up keeps
+it). The last line printed is a JSON object: every arm's AP / AP75 and its statistics averaged over the arm's last 100 steps
 (OUT/ARM/stats.jsonl counts a step as 8 images with positives, the demo's batch; an image without
 positives adds no row, so its step numbers are approximate)."""
 import argparse
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, ".")
+import common.demo as CD  # noqa: E402
 import noisy_anchor as NA  # noqa: E402
 from common.distributed import init_distributed  # noqa: E402
 
@@ -27,8 +31,10 @@ def parse_arm(text: str):
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
         flags[key] = {"true": True, "false": False}.get(value.lower(), value)
-        if key in ("eps", "alpha"):
+        if key in ("eps", "alpha", "lr"):
             flags[key] = float(value)
+        if key == "batches":
+            flags[key] = int(value)
     return name, flags
 
 
@@ -39,14 +45,17 @@ p.add_argument("--arm", action="append", default=[], type=parse_arm)
 a = p.parse_args()
 torch.set_num_threads(1)
 
+PROBE_KEYS = ("eps", "batches", "lr")
 arms = {"baseline": NA.BASELINE_FLAGS, "noisy_anchor": {}}
 for name, flags in a.arm:
-    arms[name] = {("probe_eps" if k == "eps" else k): v for k, v in flags.items()}
+    base = NA.BASELINE_FLAGS if flags.pop("like", None) == "baseline" else {}
+    arms[name] = {**base, **{(f"probe_{k}" if k in PROBE_KEYS else k): v for k, v in flags.items()}}
 NA.DEMO_ARMS = arms
 
-current = {"name": "warmup", "eps": NA.EPS}
+current = {"name": "warmup", "eps": NA.EPS, "batches": 1, "lr": None}
 stats: dict[str, list] = {}
 _demo_model, _cleanliness, _reweight = NA.demo_model, NA.cleanliness, NA.reweight
+_train_demo_detector = CD.train_demo_detector
 
 
 def demo_model(num_classes, flags, pretrained=None):
@@ -54,7 +63,22 @@ def demo_model(num_classes, flags, pretrained=None):
     matching = [(len(arm), name) for name, arm in arms.items() if all(getattr(flags, k, None) == v for k, v in arm.items())]
     current["name"] = max(matching)[1] if matching else "warmup"
     current["eps"] = getattr(flags, "probe_eps", NA.EPS)
+    current["batches"] = getattr(flags, "probe_batches", 1)
+    current["lr"] = getattr(flags, "probe_lr", None)
     return _demo_model(num_classes, flags, pretrained)
+
+
+def train_demo_detector(model, dataset, steps, seed=0, **kw):
+    """The demo's detector training; an arm trains on its `batches` order at its `lr`."""
+    if current["name"] == "warmup":
+        return _train_demo_detector(model, dataset, steps, seed=seed, **kw)
+    recipe = CD.DEMO_RECIPE["detector"]
+    lr = recipe["lr"]
+    recipe["lr"] = current["lr"] or lr
+    try:
+        return _train_demo_detector(model, dataset, steps, seed=seed - 1 + current["batches"], **kw)
+    finally:
+        recipe["lr"] = lr
 
 
 def cleanliness(loc_a, cls_c, alpha=0.75):
@@ -81,6 +105,7 @@ def mean_rows(rows: list[dict]) -> dict:
 
 
 NA.demo_model, NA.cleanliness, NA.reweight = demo_model, cleanliness, reweight
+CD.train_demo_detector = train_demo_detector
 args = NA.parse_args(["--demo", "--seed", str(a.seed), "--out", a.out, "--resume", "auto"])
 NA.demo(args, init_distributed(args.device))
 
