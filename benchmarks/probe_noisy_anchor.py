@@ -8,8 +8,9 @@ an image's r). Arm keys: the script's flags (soft_focal, soft_labels, reweight, 
 `eps` (f(x) = 1 / (1 - x) clamped at x <= 1 - eps; the script's EPS is 1e-3), `batches` (the arm's
 batch order: seed + batches; the demo's is 1, so `batches=2` is the same arm on another order of
 the same training scenes), `like=baseline` (start from the baseline's flags) and `lr` (the arm's
-peak learning rate; the demo's is common.demo's DEMO_RECIPE detector lr, 1e-3; the warm-up keeps
-it). The last line printed is a JSON object: every arm's AP / AP75 and its statistics averaged over the arm's last 100 steps
+peak learning rate; the demo's is --demo-arm-lr, 3e-4; the warm-up keeps common.demo's 1e-3). The
+last line printed is a JSON object: every arm's AP / AP75 and its statistics averaged over the
+arm's last 100 steps
 (OUT/ARM/stats.jsonl counts a step as 8 images with positives, the demo's batch; an image without
 positives adds no row, so its step numbers are approximate)."""
 import argparse
@@ -72,13 +73,9 @@ def train_demo_detector(model, dataset, steps, seed=0, **kw):
     """The demo's detector training; an arm trains on its `batches` order at its `lr`."""
     if current["name"] == "warmup":
         return _train_demo_detector(model, dataset, steps, seed=seed, **kw)
-    recipe = CD.DEMO_RECIPE["detector"]
-    lr = recipe["lr"]
-    recipe["lr"] = current["lr"] or lr
-    try:
-        return _train_demo_detector(model, dataset, steps, seed=seed - 1 + current["batches"], **kw)
-    finally:
-        recipe["lr"] = lr
+    if current["lr"] is not None:
+        kw["lr"] = current["lr"]
+    return _train_demo_detector(model, dataset, steps, seed=seed - 1 + current["batches"], **kw)
 
 
 def cleanliness(loc_a, cls_c, alpha=0.75):

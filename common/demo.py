@@ -76,10 +76,10 @@ def build_demo_detector(num_classes: int, arch: str = "faster_rcnn_fpn", pretrai
     return model
 
 
-def demo_optimizer(params, kind: str = "detector"):
-    """AdamW at the recipe's LR and weight decay for `kind` ("detector" or "classifier")."""
+def demo_optimizer(params, kind: str = "detector", lr: float | None = None):
+    """AdamW at the recipe's LR (or `lr`) and weight decay for `kind` ("detector" or "classifier")."""
     r = DEMO_RECIPE[kind]
-    return torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"], fused=True)
+    return torch.optim.AdamW(params, lr=r["lr"] if lr is None else lr, weight_decay=r["weight_decay"], fused=True)
 
 
 def one_cycle(optimizer, total_steps: int, warmup_steps: int):
@@ -168,12 +168,12 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 
 
 def _train_steps(model: nn.Module, kind: str, loss_of, n: int, batch_size: int, steps: int, warmup: int,
-                 seed: int, log, clip_grad: float | None = None) -> float:
+                 seed: int, log, clip_grad: float | None = None, lr: float | None = None) -> float:
     """The demo's training loop: `steps` seeded batches of indices into n items, `loss_of(step, indices)`
-    -> loss, AdamW at DEMO_RECIPE[kind] with one-cycle LR (`warmup` steps), optional gradient
-    clipping. Returns the training wall time in seconds."""
+    -> loss, AdamW at DEMO_RECIPE[kind] (peak LR `lr` when given) with one-cycle LR (`warmup`
+    steps), optional gradient clipping. Returns the training wall time in seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = demo_optimizer(params, kind)
+    opt = demo_optimizer(params, kind, lr)
     sched = one_cycle(opt, steps, warmup)
     torch.manual_seed(seed)
     model.train()
@@ -268,9 +268,10 @@ def evaluate_demo_classifier(model: nn.Module, dataset, batch_size: int = 200) -
 
 
 def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, batch_size: int | None = None,
-                        warmup_steps: int = 50, log=print) -> float:
+                        warmup_steps: int = 50, log=print, lr: float | None = None) -> float:
     """Train a torchvision detector on `dataset` ((uint8 image, target) items) with the recipe:
-    horizontal flips, AdamW, one-cycle LR, gradient clipping. Returns the training wall time."""
+    horizontal flips, AdamW, one-cycle LR (peak: the recipe's, or `lr`), gradient clipping.
+    Returns the training wall time."""
     from .data import collate_detection, detection_transforms
 
     r = DEMO_RECIPE["detector"]
@@ -288,7 +289,7 @@ def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, ba
         return loss
 
     return _train_steps(model, "detector", loss_of, len(dataset), batch_size, steps, min(warmup_steps, steps // 4),
-                        seed, log, clip_grad=r["clip_grad"])
+                        seed, log, clip_grad=r["clip_grad"], lr=lr)
 
 
 @torch.no_grad()
