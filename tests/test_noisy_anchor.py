@@ -534,9 +534,16 @@ def test_demo_tiny_writes_demo_json(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     argv = ["--demo", "--seed", "3", "--out", str(out), "--demo-steps", "8", "8", "--demo-images", "16", "8",
             "--demo-cache", str(tmp_path / "cache"), "--demo-backbone-steps", "2"]
+    import common.demo as cd
+
+    peaks, optimizer = [], cd.demo_optimizer  # the peak LR each detector training starts from
+    monkeypatch.setattr(cd, "demo_optimizer", lambda params, kind="detector", lr=None:
+                        (kind == "detector" and peaks.append(lr)) or optimizer(params, kind, lr))
     na.main(na.parse_args(argv))
+    assert peaks == [None, 3e-4, 3e-4]  # the warm-up at the recipe's LR, each arm at --demo-arm-lr
     result = json.loads((out / "demo.json").read_text())
     check_demo_result(result)
+    assert result["tables"]["setting"]["arm_lr"] == 3e-4
     assert [c["metric"] for c in result["claims"]] == ["AP", "AP75"]
     assert result["claims"][0]["better"]["name"] == "NoisyAnchor" and result["seed"] == 3
     assert set(result["tables"]["table2_7"]) == {"warmup", *na.DEMO_ARMS}
