@@ -1114,6 +1114,23 @@ def demo_pretrain_args(args, root: Path, kind: str, seed: int) -> argparse.Names
         proposals_kind=kind))
 
 
+def demo_finetune(name: str, weights, train_set, test, steps: int, seed: int, clock) -> dict:
+    """The demo detector fine-tuned `steps` steps on train_set from `weights` (a soco_weights.pth
+    path or state dict; None: random init) and scored on `test`: AP50 / AP / AP75 and what transferred."""
+    torch.manual_seed(seed)  # the same head / predictor init for every row
+    model = align_roi_pooling(build_demo_detector(len(train_set.classes)), DEMO_BOX_HEAD["roi_sampling_ratio"])
+    loaded = {}
+    if weights is not None:  # what transfers: backbone, FPN, box head (the predictor and RPN stay random)
+        report = load_weights(model, weights, verbose=False)
+        kept = sorted({".".join(k.split(".")[:2]) for k in report.missing + [k for k, _ in report.skipped]})
+        loaded = {"tensors_transferred": len(report.loaded), "left_at_init": kept}
+        print(f"{name}: {len(report.loaded)} tensors transferred; left at init: {', '.join(kept)}")
+    wall = clock(f"fine-tuning from {name}", train_demo_detector, model, train_set, steps, seed=seed)
+    m = clock(f"evaluation of {name}", evaluate_demo_detector, model, test)
+    print(f"{name}: AP50 {m['AP50']:.3f} AP {m['AP']:.3f}")
+    return {"AP50": m["AP50"], "AP": m["AP"], "AP75": m["AP75"], "train_s": round(wall, 1), **loaded}
+
+
 def run_demo(args, env) -> dict:
     """Pre-train SoCo (and, with --demo-byol, image-level BYOL) on unlabelled images, fine-tune the
     demo detector from each and from random init on 50 labelled scenes, write OUT/demo.json."""
@@ -1131,20 +1148,8 @@ def run_demo(args, env) -> dict:
     test = SyntheticDetection(d["test_scenes"], size, mode="scenes", seed=1000 * s + 4)
     labelled, _ = fraction_split(scenes, d["fraction"], seed=s)
     train_set = subset_by_ids(scenes, labelled)
-    results = {}
-    for name, w in (("random init", None), *weights.items()):
-        torch.manual_seed(s)  # the same head / predictor init for every row
-        model = align_roi_pooling(build_demo_detector(len(scenes.classes)), DEMO_BOX_HEAD["roi_sampling_ratio"])
-        loaded = {}
-        if w is not None:  # what transfers: backbone, FPN, box head (the predictor and RPN stay random)
-            report = load_weights(model, w, verbose=False)
-            kept = sorted({".".join(k.split(".")[:2]) for k in report.missing + [k for k, _ in report.skipped]})
-            loaded = {"tensors_transferred": len(report.loaded), "left_at_init": kept}
-            print(f"{name}: {len(report.loaded)} tensors transferred; left at init: {', '.join(kept)}")
-        wall = clock(f"fine-tuning from {name}", train_demo_detector, model, train_set, d["ft_steps"], seed=s)
-        m = clock(f"evaluation of {name}", evaluate_demo_detector, model, test)
-        results[name] = {"AP50": m["AP50"], "AP": m["AP"], "AP75": m["AP75"], "train_s": round(wall, 1), **loaded}
-        print(f"{name}: AP50 {m['AP50']:.3f} AP {m['AP']:.3f}")
+    results = {name: demo_finetune(name, w, train_set, test, d["ft_steps"], s, clock)
+               for name, w in (("random init", None), *weights.items())}
     wall = time.perf_counter() - t0
     t_pre = clock.stages["pre-training SoCo"]
     print(f"\nSoCo demo (seed {s}; SoCo pre-training {t_pre['wall_s']:.0f} s wall / {t_pre['cpu_s']:.0f} s CPU, "
