@@ -5,8 +5,9 @@ settings and seed (OUT/, reused when there), prints how far pre-training moved e
 init; SoCo (the demo's row); SoCo with every conv / fc weight rescaled to the norm the random init
 gives that tensor (under BatchNorm a conv's scale changes nothing the network computes, only the
 step size an optimiser's update has relative to it); SoCo's backbone alone (FPN and box head at
-init); the backbone with the FPN; the backbone with the box head. The last line printed is a JSON
-object."""
+init); the backbone with the FPN; the backbone with the box head. Before fine-tuning it prints, per
+FPN level, the effective rank and spatial contrast of the random and the SoCo pyramid's features on
+held-out scenes. The last line printed is a JSON object."""
 import argparse
 import json
 import sys
@@ -25,7 +26,7 @@ from common.synthetic import SyntheticDetection  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("out")
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--rows", nargs="+", default=None, help="the fine-tuning rows to run (default: all)")
+p.add_argument("--rows", nargs="*", default=None, help="the fine-tuning rows to run (default: all; none: statistics only)")
 a = p.parse_args()
 torch.set_num_threads(1)
 s, root = a.seed, Path(a.out)
@@ -73,9 +74,37 @@ ROWS = {"random": ("random init", None), "soco": ("SoCo", weights),
         "backbone": ("SoCo backbone only", only("backbone.body")),
         "backbone_fpn": ("SoCo backbone + FPN", only("backbone.body", "backbone.fpn")),
         "backbone_head": ("SoCo backbone + box head", only("backbone.body", "roi_heads.box_head"))}
+
+
+@torch.no_grad()
+def pyramid_stats(state: dict, n: int = 100) -> dict:
+    """Per FPN level (and the backbone's C5) on n held-out scenes (BN on batch statistics, as in fine-tuning): the effective
+    rank of the 256 channels over all positions (exp of the entropy of the covariance's normalised
+    eigenvalues; the channel count = every direction used) and the spatial contrast (std over positions / mean
+    absolute value, per channel, averaged)."""
+    torch.manual_seed(s)
+    model = build_demo_detector(len(scenes.classes))
+    model.load_state_dict(state)
+    model.train()
+    x = torch.stack([model.transform([test[i][0].float() / 255])[0].tensors[0] for i in range(n)])
+    out = {}
+    body = model.backbone.body(x)
+    for level, f in {"C5": body["3"], **model.backbone.fpn(body)}.items():
+        flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        ev = torch.linalg.eigvalsh(torch.cov(flat.T)).clamp(min=0)
+        q = ev / ev.sum()
+        contrast = (f.std((2, 3)) / f.abs().mean((2, 3)).clamp(min=1e-8)).mean() if f[0, 0].numel() > 1 else None
+        out[level] = {"eff_rank": round(float(torch.exp(-(q * q.clamp(min=1e-12).log()).sum())), 1),
+                      "contrast": None if contrast is None else round(float(contrast), 3)}  # None: a 1x1 level
+    return out
+
+
+stats = {"random init": pyramid_stats(rand), "SoCo": pyramid_stats(pret)}
+print("FPN levels:", json.dumps(stats), flush=True)
 clock = soco.StageClock()
-rows = {ROWS[r][0]: soco.demo_finetune(*ROWS[r], train_set, test, d["ft_steps"], s, clock) for r in (a.rows or ROWS)}
+rows = {ROWS[r][0]: soco.demo_finetune(*ROWS[r], train_set, test, d["ft_steps"], s, clock)
+        for r in (ROWS if a.rows is None else a.rows)}
 for name, m in rows.items():
     print(f"{name:<40} AP50 {100 * m['AP50']:5.1f}  AP {100 * m['AP']:5.1f}")
-print(json.dumps({"seed": s, "weight_norm_ratio": norms,
+print(json.dumps({"seed": s, "weight_norm_ratio": norms, "fpn_levels": stats,
                   "finetune": {n: {k: m[k] for k in ("AP50", "AP", "AP75")} for n, m in rows.items()}}))
