@@ -528,7 +528,7 @@ def test_demo_takes_its_budget_flags_and_refuses_the_ones_it_sets():
     assert (d["trust_coeff"], d["epochs"], d["batch_size"]) == (0.02, 2, soco.DEMO["batch_size"])
     assert soco.demo_pretrain_args(a, Path("x"), "selective_search", 1).trust_coeff == 0.02
     b = soco.demo_settings(soco.parse_args(["--demo", "--batch-size", "64"]))
-    assert b["batch_size"] == 64 and b["trust_coeff"] == pytest.approx(0.001 * 2048 / 64)  # the header's rule
+    assert b["batch_size"] == 64 and b["trust_coeff"] == soco.DEMO["trust_coeff"]
     assert soco.demo_settings(soco.parse_args(["--demo"])) == soco.DEMO
     for flag in (["--det-iters", "5"], ["--backbone", "resnet50"], ["--amp"], ["finetune"]):
         with pytest.raises(SystemExit):  # the demo sets these itself: an error, not ignored
