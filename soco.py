@@ -155,7 +155,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="SoCo vs random init (and image-level BYOL) in low-data fine-tuning on synthetic data, CPU; "
                         "writes --out/demo.json")
     p.add_argument("--demo-byol", action="store_true",
-                   help="with --demo: also image-level BYOL (Tab. 4 row 1) as a row without a claim (about 4 more CPU minutes)")
+                   help="with --demo: also image-level BYOL (Tab. 4 row 1) as a row without a claim (about 7 more CPU minutes)")
 
     h = p.add_argument_group("SoCo hyper-parameters (paper; defaults = the main setting)")
     h.add_argument("--arch", default="fpn", choices=("fpn", "c4"), help="SoCo-R50-FPN or SoCo-R50-C4, Sec. 4.1")
@@ -1045,7 +1045,7 @@ def stage_export(args) -> Path:
 #   pre-training) on a 5% labelled split of 1,000 scenes (50 images), the recipe's AdamW and its
 #   150 steps, from SoCo and from random init; COCO AP on 300 held-out scenes. `--demo-byol` adds
 #   image-level BYOL (`--proposals-kind whole`, Tab. 4 row 1, the same pre-training budget) as a
-#   row without a claim (one more pre-training and fine-tuning: about 4 more CPU minutes).
+#   row without a claim (one more pre-training and fine-tuning: about 7 more CPU minutes).
 # - every stage prints its wall and CPU seconds (at one thread CPU seconds are what an idle
 #   machine's wall time would be; a loaded machine's wall time is not), kept in demo.json.
 DEMO = dict(pre_images=640, epochs=12, batch_size=32, view_size=48, v3_size=24, trust_coeff=0.004,
