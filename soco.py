@@ -448,6 +448,14 @@ def soco_loss(v: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
     return loss.mean()  # Eq. (6)
 
 
+def effective_rank(features: torch.Tensor) -> float:
+    """Collapse check for (N, D) features: exp of the entropy of the normalised eigenvalues of their
+    covariance (D when every direction is used equally, ~1 when all lie on one line)."""
+    ev = torch.linalg.eigvalsh(torch.cov(features.T.double())).clamp(min=0)
+    q = ev / ev.sum()
+    return float(torch.exp(-(q * q.clamp(min=1e-12).log()).sum()))
+
+
 def target_momentum(step: int, total_steps: int, base: float = 0.99) -> float:
     """tau_k = 1 - (1 - base) (cos(pi k / K) + 1) / 2: base at step 0, 1 at the last step (BYOL)."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1.0) / 2.0

@@ -48,10 +48,6 @@ def knn(ftr, fte, k=20):
     sim = fte @ ftr.T; top, idx = sim.topk(k, 1)
     votes = torch.zeros(len(fte), int(ytr.max()) + 1).scatter_add_(1, ytr[idx], (top / 0.07).exp())
     return (votes.argmax(1) == yte).float().mean().item()
-def eff_rank(f):
-    """exp of the entropy of the normalised eigenvalues of the features' covariance (collapse: ~1)."""
-    ev = torch.linalg.eigvalsh(torch.cov(f.T)).clamp(min=0); q = ev / ev.sum()
-    return torch.exp(-(q * q.clamp(min=1e-12).log()).sum()).item()
 def probe(name, sd=None):
     torch.manual_seed(0)
     enc = soco.ObjectEncoder("fpn", "resnet18", head="2mlp", view_size=48, sampling_ratio=1, head_dim=256)
@@ -59,7 +55,7 @@ def probe(name, sd=None):
         enc.load_state_dict({k.replace("roi_heads.", ""): v for k, v in sd.items()})
     a, b = feats(enc, train), feats(enc, test)
     print(f"{name}: kNN top-1 C5 {knn(a['C5'], b['C5']):.3f}  FPN {knn(a['FPN'], b['FPN']):.3f}  "
-          f"effective rank C5 {eff_rank(b['C5']):.1f}  FPN {eff_rank(b['FPN']):.1f}", flush=True)
+          f"effective rank C5 {soco.effective_rank(b['C5']):.1f}  FPN {soco.effective_rank(b['FPN']):.1f}", flush=True)
 probe("random init")
 print("BN", "batch statistics" if BN_BATCH else "running statistics")
 for p in snaps[EVERY - 1::EVERY]:

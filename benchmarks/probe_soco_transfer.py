@@ -90,11 +90,8 @@ def pyramid_stats(state: dict, n: int = 100) -> dict:
     out = {}
     body = model.backbone.body(x)
     for level, f in {"C5": body["3"], **model.backbone.fpn(body)}.items():
-        flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        ev = torch.linalg.eigvalsh(torch.cov(flat.T)).clamp(min=0)
-        q = ev / ev.sum()
         contrast = (f.std((2, 3)) / f.abs().mean((2, 3)).clamp(min=1e-8)).mean() if f[0, 0].numel() > 1 else None
-        out[level] = {"eff_rank": round(float(torch.exp(-(q * q.clamp(min=1e-12).log()).sum())), 1),
+        out[level] = {"eff_rank": round(soco.effective_rank(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])), 1),
                       "contrast": None if contrast is None else round(float(contrast), 3)}  # None: a 1x1 level
     return out
 

@@ -536,6 +536,14 @@ def test_demo_takes_its_budget_flags_and_refuses_the_ones_it_sets():
     assert soco.parse_args(["--epochs", "3"]).epochs == 3  # without --demo nothing changes
 
 
+def test_effective_rank_counts_the_directions_used():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4000, 8, generator=g)
+    line = torch.randn(4000, 1, generator=g) * torch.ones(1, 8) + 1e-4 * torch.randn(4000, 8, generator=g)
+    assert soco.effective_rank(spread) == pytest.approx(8, rel=0.02)  # every direction, equally
+    assert soco.effective_rank(line) == pytest.approx(1, abs=0.01)  # collapsed onto one line
+
+
 def test_cli_defaults_are_the_papers():
     a = parse()
     assert (a.batch_size, a.base_lr, a.weight_decay, a.warmup_epochs, a.tau) == (2048, 1.0, 1e-5, 10, 0.99)
