@@ -95,8 +95,8 @@ DEVIATION: none in the method. The CPU demo (`demo`) runs common.demo's recipe (
   at 1e-3 re-randomises what the warm-up predicts, the very predictions cls_c and loc_a are read
   from: there, over three batch orders at seeds 2 and 3, the order alone moved an arm's AP by up
   to 2.6 (std 0.5-1.5) and NoisyAnchor's gain was +0.0 +- 1.1 AP; at 3e-4 the orders agree within
-  0.6 AP (std <= 0.3), the gain is +1.0 to +1.9 AP in all six pairs, and the baseline is no worse
-  than at 1e-3 (15.2 / 13.6 vs 15.8 / 12.7 AP; results/noisy_anchor.md).
+  0.6 AP (std <= 0.3), the gain is +1.0 to +1.9 AP in all six pairs, and the baseline is on average
+  no worse than at 1e-3 (seeds 3 / 2: 15.2 / 13.6 vs 15.8 / 12.7 AP; results/noisy_anchor.md).
 CHOICE: multi-scale testing (Table 2.1, `--test-scales 400 500 600 700 900 1000 1100 1200 --test-flip`)
   as Detectron's bbox test augmentation with its union heuristic: the candidates of the test scale
   (--min-size 800), of each extra short side and of every horizontal flip are pooled, then one NMS
