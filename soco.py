@@ -1121,9 +1121,10 @@ def demo_pretrain_args(args, root: Path, kind: str, seed: int) -> argparse.Names
         proposals_kind=kind))
 
 
-def demo_finetune(name: str, weights, train_set, test, steps: int, seed: int, clock) -> dict:
+def demo_finetune(name: str, weights, train_set, test, steps: int, seed: int, clock, lr: float | None = None) -> dict:
     """The demo detector fine-tuned `steps` steps on train_set from `weights` (a soco_weights.pth
-    path or state dict; None: random init) and scored on `test`: AP50 / AP / AP75 and what transferred."""
+    path or state dict; None: random init) at peak LR `lr` (None: common.demo's recipe) and scored
+    on `test`: AP50 / AP / AP75 and what transferred."""
     torch.manual_seed(seed)  # the same head / predictor init for every row
     model = align_roi_pooling(build_demo_detector(len(train_set.classes)), DEMO_BOX_HEAD["roi_sampling_ratio"])
     loaded = {}
@@ -1132,7 +1133,7 @@ def demo_finetune(name: str, weights, train_set, test, steps: int, seed: int, cl
         kept = sorted({".".join(k.split(".")[:2]) for k in report.missing + [k for k, _ in report.skipped]})
         loaded = {"tensors_transferred": len(report.loaded), "left_at_init": kept}
         print(f"{name}: {len(report.loaded)} tensors transferred; left at init: {', '.join(kept)}")
-    wall = clock(f"fine-tuning from {name}", train_demo_detector, model, train_set, steps, seed=seed)
+    wall = clock(f"fine-tuning from {name}", train_demo_detector, model, train_set, steps, seed=seed, lr=lr)
     m = clock(f"evaluation of {name}", evaluate_demo_detector, model, test)
     print(f"{name}: AP50 {m['AP50']:.3f} AP {m['AP']:.3f}")
     return {"AP50": m["AP50"], "AP": m["AP"], "AP75": m["AP75"], "train_s": round(wall, 1), **loaded}

@@ -1,4 +1,4 @@
-# usage: python benchmarks/probe_soco_transfer.py OUT --seed S [--rows random soco rescaled backbone backbone_fpn backbone_head]
+# usage: python benchmarks/probe_soco_transfer.py OUT --seed S [--epochs E] [--lr LR] [--steps N] [--ft-seeds F ...] [--rows random soco rescaled backbone backbone_fpn backbone_head]
 """Why does the demo's fine-tuning from SoCo trail random init? Pre-trains SoCo at the demo's
 settings and seed (OUT/, reused when there), prints how far pre-training moved each weight's norm
 (SoCo / random init, per group), then fine-tunes the demo detector as the demo does from: random
@@ -27,10 +27,17 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("out")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--rows", nargs="*", default=None, help="the fine-tuning rows to run (default: all; none: statistics only)")
+p.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the demo's)")
+p.add_argument("--lr", type=float, default=None, help="fine-tuning peak LR (default: common.demo's recipe)")
+p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's)")
+p.add_argument("--ft-seeds", type=int, nargs="+", default=None,
+               help="fine-tune every row once per seed given (the head's init and the batch order; the data stays "
+                    "the demo's at --seed): the fine-tuning noise of a comparison (default: --seed only)")
 a = p.parse_args()
 torch.set_num_threads(1)
 s, root = a.seed, Path(a.out)
-args = soco.parse_args(["--demo", "--seed", str(s), "--out", str(root), "--resume", "auto"])
+args = soco.parse_args(["--demo", "--seed", str(s), "--out", str(root), "--resume", "auto",
+                        *(["--epochs", str(a.epochs)] if a.epochs else [])])
 d = soco.demo_settings(args)
 pre = soco.demo_pretrain_args(args, root, "selective_search", 1000 * s + 1)
 weights = Path(pre.out) / "soco_weights.pth"
@@ -99,9 +106,11 @@ def pyramid_stats(state: dict, n: int = 100) -> dict:
 stats = {"random init": pyramid_stats(rand), "SoCo": pyramid_stats(pret)}
 print("FPN levels:", json.dumps(stats), flush=True)
 clock = soco.StageClock()
-rows = {ROWS[r][0]: soco.demo_finetune(*ROWS[r], train_set, test, d["ft_steps"], s, clock)
-        for r in (ROWS if a.rows is None else a.rows)}
+ft_seeds = a.ft_seeds or [s]
+rows = {ROWS[r][0] + ("" if len(ft_seeds) == 1 else f" (fine-tuning seed {f})"):
+        soco.demo_finetune(*ROWS[r], train_set, test, a.steps or d["ft_steps"], f, clock, lr=a.lr)
+        for f in ft_seeds for r in (ROWS if a.rows is None else a.rows)}
 for name, m in rows.items():
-    print(f"{name:<40} AP50 {100 * m['AP50']:5.1f}  AP {100 * m['AP']:5.1f}")
-print(json.dumps({"seed": s, "weight_norm_ratio": norms, "fpn_levels": stats,
+    print(f"{name:<60} AP50 {100 * m['AP50']:5.1f}  AP {100 * m['AP']:5.1f}")
+print(json.dumps({"seed": s, "epochs": d["epochs"], "lr": a.lr, "steps": a.steps or d["ft_steps"], "weight_norm_ratio": norms, "fpn_levels": stats,
                   "finetune": {n: {k: m[k] for k in ("AP50", "AP", "AP75")} for n, m in rows.items()}}))
