@@ -1036,7 +1036,9 @@ def stage_export(args) -> Path:
 # --------------------------------------------------------------------------------------------
 # CHOICE (demo only, to fit a few CPU minutes; common.demo's recipe for the detector):
 # - pre-training data: object-centric synthetic 64-px images (the recipe's pre-training images,
-#   ImageNet's role), their selective-search proposals; views 48 / 24 px (V1, V2 / V3: the objects
+#   ImageNet's role; DEMO["pre_mode"] = "unlabeled" pre-trains on unlabelled scenes of the
+#   fine-tuning domain instead, Tab. 9's COCO pre-training, measured in results/soco.md), their
+#   selective-search proposals; views 48 / 24 px (V1, V2 / V3: the objects
 #   then have about the size of the fine-tuning scenes' 13-35 px objects, and an update costs 2
 #   CPU-s instead of 2.8 at 64 / 32), level thresholds and blur scaled with them; ResNet-18 + FPN +
 #   the demo detector's light box head (two fc of 256, RoIAlign with one sample per bin) as f^H,
@@ -1046,8 +1048,10 @@ def stage_export(args) -> Path:
 #   coefficient 0.004, so that an update moves each weight by lr x trust = 0.0005 of its norm (the
 #   paper's lr 8 x 0.001 at batch 2048 is 0.008). Keeping the paper's 0.008 (trust 0.064) at batch
 #   32 collapsed the encoder within 40 updates (effective rank of C5 ~6 of 512, never recovering;
-#   fine-tuning AP50 a third of random init's); at 0.004 the rank recovers and the features beat
-#   random init's after ~200 updates (results/soco.md). The paper's own 0.001 (0.000125 a step)
+#   fine-tuning AP50 a third of random init's); at 0.004 the rank of pooled object features
+#   recovers and their k-NN beats random init's after ~200 updates, but per position on scenes the
+#   rank still falls (C5 ~37 of 512 after 240 updates, ~8 after 800) and fine-tuning ends level
+#   with random init or below it (results/soco.md). The paper's own 0.001 (0.000125 a step)
 #   barely moves the weights in a CPU budget.
 # - fine-tuning: Faster R-CNN R18-FPN of common.demo (the light head, RoIAlign aligned as in
 #   pre-training) on a 5% labelled split of 1,000 scenes (50 images), the recipe's AdamW and its
@@ -1056,7 +1060,7 @@ def stage_export(args) -> Path:
 #   row without a claim (one more pre-training and fine-tuning: about 7 more CPU minutes).
 # - every stage prints its wall and CPU seconds (at one thread CPU seconds are what an idle
 #   machine's wall time would be; a loaded machine's wall time is not), kept in demo.json.
-DEMO = dict(pre_images=640, epochs=12, batch_size=32, view_size=48, v3_size=24, trust_coeff=0.004,
+DEMO = dict(pre_images=640, pre_mode="object", epochs=12, batch_size=32, view_size=48, v3_size=24, trust_coeff=0.004,
             proj_hidden=1024, scenes=1000, fraction=0.05, ft_steps=150, test_scenes=300)
 # With --demo these flags, given explicitly, replace DEMO's value (the LR follows --batch-size by
 # the paper's linear rule, the trust coefficient stays DEMO's unless given) ...
@@ -1112,7 +1116,7 @@ def demo_pretrain_args(args, root: Path, kind: str, seed: int) -> argparse.Names
     d = demo_settings(args)
     return argparse.Namespace(**dict(
         vars(args), demo=False, data="synthetic", synthetic_images=d["pre_images"], image_size=64,
-        synthetic_mode="object", seed=seed, backbone="resnet18", workers=0, resume=args.resume, log_every=10,
+        synthetic_mode=d["pre_mode"], seed=seed, backbone="resnet18", workers=0, resume=args.resume, log_every=10,
         checkpoint_every=0, max_steps=None, amp=False, device="cpu", proposals=str(root / "proposals"),
         ss_workers=1, shard_size=64, out=str(root / f"pretrain_{kind}"), epochs=d["epochs"],
         batch_size=d["batch_size"], warmup_epochs=1, view_size=d["view_size"], v3_size=d["v3_size"],

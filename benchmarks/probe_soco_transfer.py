@@ -1,4 +1,4 @@
-# usage: python benchmarks/probe_soco_transfer.py OUT --seed S [--epochs E] [--lr LR] [--steps N] [--ft-seeds F ...] [--rows random soco rescaled backbone backbone_fpn backbone_head]
+# usage: python benchmarks/probe_soco_transfer.py OUT --seed S [--epochs E] [--lr LR] [--steps N] [--ft-seeds F ...] [--pre-mode object|unlabeled] [--rows random soco rescaled backbone backbone_fpn backbone_head]
 """Why does the demo's fine-tuning from SoCo trail random init? Pre-trains SoCo at the demo's
 settings and seed (OUT/, reused when there), prints how far pre-training moved each weight's norm
 (SoCo / random init, per group), then fine-tunes the demo detector as the demo does from: random
@@ -33,7 +33,12 @@ p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (defau
 p.add_argument("--ft-seeds", type=int, nargs="+", default=None,
                help="fine-tune every row once per seed given (the head's init and the batch order; the data stays "
                     "the demo's at --seed): the fine-tuning noise of a comparison (default: --seed only)")
+p.add_argument("--pre-mode", choices=("object", "unlabeled"), default=None,
+               help="pre-training images: object-centric (the demo's, ImageNet's role) or unlabelled scenes of the "
+                    "fine-tuning domain (Tab. 9's COCO pre-training)")
 a = p.parse_args()
+if a.pre_mode:
+    soco.DEMO["pre_mode"] = a.pre_mode
 torch.set_num_threads(1)
 s, root = a.seed, Path(a.out)
 args = soco.parse_args(["--demo", "--seed", str(s), "--out", str(root), "--resume", "auto",

@@ -536,6 +536,15 @@ def test_demo_takes_its_budget_flags_and_refuses_the_ones_it_sets():
     assert soco.parse_args(["--epochs", "3"]).epochs == 3  # without --demo nothing changes
 
 
+def test_demo_pre_mode_picks_the_pre_training_images(monkeypatch):
+    # object-centric images by default (ImageNet's role); "unlabeled": scenes of the fine-tuning domain (Tab. 9)
+    args = soco.parse_args(["--demo"])
+    assert soco.build_image_source(soco.demo_pretrain_args(args, Path("x"), "selective_search", 1)).mode == "object"
+    monkeypatch.setattr(soco, "DEMO", dict(soco.DEMO, pre_mode="unlabeled"))
+    source = soco.build_image_source(soco.demo_pretrain_args(args, Path("x"), "selective_search", 1))
+    assert source.mode == "unlabeled" and len(source) == soco.DEMO["pre_images"]
+
+
 def test_effective_rank_counts_the_directions_used():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(4000, 8, generator=g)
