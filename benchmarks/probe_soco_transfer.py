@@ -1,4 +1,4 @@
-# usage: python benchmarks/probe_soco_transfer.py OUT --seed S [--epochs E] [--lr LR] [--steps N] [--ft-seeds F ...] [--pre-mode object|unlabeled] [--kind selective_search|whole] [--batch-size B] [--rows random soco rescaled backbone backbone_fpn backbone_head]
+# usage: python benchmarks/probe_soco_transfer.py OUT --seed S [--epochs E] [--lr LR] [--steps N] [--ft-seeds F ...] [--pre-mode object|unlabeled] [--kind selective_search|whole] [--batch-size B] [--trust-coeff T] [--rows random soco rescaled backbone backbone_fpn backbone_head]
 """Why does the demo's fine-tuning from SoCo trail random init? Pre-trains SoCo at the demo's
 settings and seed (OUT/, reused when there), prints how far pre-training moved each weight's norm
 (SoCo / random init, per group), then fine-tunes the demo detector as the demo does from: random
@@ -39,6 +39,7 @@ p.add_argument("--pre-mode", choices=("object", "unlabeled"), default=None,
 p.add_argument("--kind", choices=("selective_search", "whole"), default="selective_search",
                help="pre-training proposals: SoCo's (default) or the whole image (image-level BYOL, Tab. 4 row 1)")
 p.add_argument("--batch-size", type=int, default=None, help="pre-training batch (default: the demo's; the LR follows it)")
+p.add_argument("--trust-coeff", type=float, default=None, help="pre-training LARS trust coefficient (default: the demo's)")
 a = p.parse_args()
 if a.pre_mode:
     soco.DEMO["pre_mode"] = a.pre_mode
@@ -46,7 +47,8 @@ torch.set_num_threads(1)
 s, root = a.seed, Path(a.out)
 args = soco.parse_args(["--demo", "--seed", str(s), "--out", str(root), "--resume", "auto",
                         *(["--epochs", str(a.epochs)] if a.epochs else []),
-                        *(["--batch-size", str(a.batch_size)] if a.batch_size else [])])
+                        *(["--batch-size", str(a.batch_size)] if a.batch_size else []),
+                        *(["--trust-coeff", str(a.trust_coeff)] if a.trust_coeff else [])])
 d = soco.demo_settings(args)
 pre = soco.demo_pretrain_args(args, root, a.kind, 1000 * s + 1)
 weights = Path(pre.out) / "soco_weights.pth"
