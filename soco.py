@@ -1050,7 +1050,8 @@ def stage_export(args) -> Path:
 #   32 collapsed the encoder within 40 updates (effective rank of C5 ~6 of 512, never recovering;
 #   fine-tuning AP50 a third of random init's); at 0.004 the rank of pooled object features
 #   recovers and their k-NN beats random init's after ~200 updates, but per position on scenes the
-#   rank still falls (C5 ~37 of 512 after 240 updates, ~8 after 800) and fine-tuning ends level
+#   rank still falls (C5 29-38 of 512 after 240 updates; 7-8 after 800 on in-domain scenes; the
+#   same with image-level BYOL) and fine-tuning ends level
 #   with random init or below it (results/soco.md). The paper's own 0.001 (0.000125 a step)
 #   barely moves the weights in a CPU budget.
 # - fine-tuning: Faster R-CNN R18-FPN of common.demo (the light head, RoIAlign aligned as in
