@@ -1038,9 +1038,9 @@ def stage_export(args) -> Path:
 # - pre-training data: object-centric synthetic 64-px images (the recipe's pre-training images,
 #   ImageNet's role; DEMO["pre_mode"] = "unlabeled" pre-trains on unlabelled scenes of the
 #   fine-tuning domain instead, Tab. 9's COCO pre-training, measured in results/soco.md), their
-#   selective-search proposals; views 48 / 24 px (V1, V2 / V3: the objects
-#   then have about the size of the fine-tuning scenes' 13-35 px objects, and an update costs 2
-#   CPU-s instead of 2.8 at 64 / 32), level thresholds and blur scaled with them; ResNet-18 + FPN +
+#   selective-search proposals; views 48 / 24 px (V1, V2 / V3: the objects then have about the
+#   size of the fine-tuning scenes' 13-35 px objects, and an update costs 2 CPU-s instead of 2.8
+#   at 64 / 32), level thresholds and blur scaled with them; ResNet-18 + FPN +
 #   the demo detector's light box head (two fc of 256, RoIAlign with one sample per bin) as f^H,
 #   so that every tensor of it transfers; projector / predictor 1024 -> 256.
 # - budget: 640 images x 12 epochs at batch 32 = 240 LARS updates (warm-up 1 epoch, cosine).
@@ -1050,10 +1050,10 @@ def stage_export(args) -> Path:
 #   32 collapsed the encoder within 40 updates (effective rank of C5 ~6 of 512, never recovering;
 #   fine-tuning AP50 a third of random init's); at 0.004 the rank of pooled object features
 #   recovers and their k-NN beats random init's after ~200 updates, but per position on scenes the
-#   rank still falls (C5 29-38 of 512 after 240 updates; 7-8 after 800 on in-domain scenes; the
-#   same with image-level BYOL) and fine-tuning ends level
-#   with random init or below it (results/soco.md). The paper's own 0.001 (0.000125 a step)
-#   barely moves the weights in a CPU budget.
+#   rank still falls (C5 29-38 of 512 after 240 updates, image-level BYOL's 20-21; 7-8 after 800
+#   on in-domain scenes) and fine-tuning ends level with random init or below it
+#   (results/soco.md). The paper's own 0.001 (0.000125 a step) barely moves the weights in a CPU
+#   budget.
 # - fine-tuning: Faster R-CNN R18-FPN of common.demo (the light head, RoIAlign aligned as in
 #   pre-training) on a 5% labelled split of 1,000 scenes (50 images), the recipe's AdamW and its
 #   150 steps, from SoCo and from random init; COCO AP on 300 held-out scenes. `--demo-byol` adds

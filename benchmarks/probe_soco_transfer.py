@@ -45,15 +45,16 @@ if a.pre_mode:
     soco.DEMO["pre_mode"] = a.pre_mode
 torch.set_num_threads(1)
 s, root = a.seed, Path(a.out)
+budget = {"--epochs": a.epochs, "--batch-size": a.batch_size, "--trust-coeff": a.trust_coeff}  # soco's DEMO_FLAGS
 args = soco.parse_args(["--demo", "--seed", str(s), "--out", str(root), "--resume", "auto",
-                        *(["--epochs", str(a.epochs)] if a.epochs else []),
-                        *(["--batch-size", str(a.batch_size)] if a.batch_size else []),
-                        *(["--trust-coeff", str(a.trust_coeff)] if a.trust_coeff else [])])
+                        *[x for flag, v in budget.items() if v for x in (flag, str(v))]])
 d = soco.demo_settings(args)
+ft_steps = a.steps or d["ft_steps"]
 pre = soco.demo_pretrain_args(args, root, a.kind, 1000 * s + 1)
 weights = Path(pre.out) / "soco_weights.pth"
 if not weights.is_file():
-    soco.stage_proposals(pre)
+    if a.kind == "selective_search":  # image-level BYOL reads no proposal table (as in soco.run_demo)
+        soco.stage_proposals(pre)
     soco.stage_pretrain(pre, init_distributed("cpu"))
 
 size = DEMO_RECIPE["scene_size"]
@@ -119,9 +120,11 @@ print("FPN levels:", json.dumps(stats), flush=True)
 clock = soco.StageClock()
 ft_seeds = a.ft_seeds or [s]
 rows = {ROWS[r][0] + ("" if len(ft_seeds) == 1 else f" (fine-tuning seed {f})"):
-        soco.demo_finetune(*ROWS[r], train_set, test, a.steps or d["ft_steps"], f, clock, lr=a.lr)
+        soco.demo_finetune(*ROWS[r], train_set, test, ft_steps, f, clock, lr=a.lr)
         for f in ft_seeds for r in (ROWS if a.rows is None else a.rows)}
 for name, m in rows.items():
     print(f"{name:<60} AP50 {100 * m['AP50']:5.1f}  AP {100 * m['AP']:5.1f}")
-print(json.dumps({"seed": s, "epochs": d["epochs"], "lr": a.lr, "steps": a.steps or d["ft_steps"], "weight_norm_ratio": norms, "fpn_levels": stats,
+pretrain = {k: d[k] for k in ("pre_mode", "epochs", "batch_size", "trust_coeff")}
+print(json.dumps({"seed": s, "pretrain": {**pretrain, "kind": a.kind}, "lr": a.lr, "steps": ft_steps,
+                  "weight_norm_ratio": norms, "fpn_levels": stats,
                   "finetune": {n: {k: m[k] for k in ("AP50", "AP", "AP75")} for n, m in rows.items()}}))
