@@ -83,15 +83,26 @@ def demo_optimizer(params, kind: str = "detector", lr: float | None = None):
 
 
 def one_cycle(optimizer, total_steps: int, warmup_steps: int):
-    """Linear warm-up from 4% of the LR over `warmup_steps`, then cosine to ~0 at `total_steps`
-    (torch's OneCycleLR with a linear rise). OneCycleLR needs two steps in each phase: the warm-up
-    lasts at least 2 steps, and a run of under 4 steps keeps its LR constant."""
+    """Warm-up from 4% of the LR over `warmup_steps`, then down to ~0 at `total_steps`, both halves
+    cosine (torch's OneCycleLR: its anneal_strategy shapes the rise too). OneCycleLR needs two
+    steps in each phase: the warm-up lasts at least 2 steps, and a run of under 4 steps keeps its
+    LR constant."""
     if total_steps < 4:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, [g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
         pct_start=min(0.5, max(2, warmup_steps) / total_steps), anneal_strategy="cos",
         cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+
+
+def one_cycle_factor(progress: float, pct_start: float) -> float:
+    """`one_cycle`'s LR multiplier at a fraction `progress` of the run, the run measured in any unit
+    (steps, or compute spent): cosine from 1/25 up to 1 over `pct_start`, then cosine down to 1/25,000."""
+    lo, end = 1 / 25.0, 1 / 25.0 / 1e3
+    cos = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * min(1.0, t))) / 2  # a at t = 0, b at t = 1
+    if progress < pct_start:
+        return cos(lo, 1.0, progress / pct_start)
+    return cos(1.0, end, (progress - pct_start) / max(1e-12, 1 - pct_start))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,17 +179,31 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 
 
 def _train_steps(model: nn.Module, kind: str, loss_of, n: int, batch_size: int, steps: int, warmup: int,
-                 seed: int, log, clip_grad: float | None = None, lr: float | None = None) -> float:
+                 seed: int, log, clip_grad: float | None = None, lr: float | None = None,
+                 budget_s: float | None = None, clock=time.process_time) -> tuple[float, int]:
     """The demo's training loop: `steps` seeded batches of indices into n items, `loss_of(step, indices)`
     -> loss, AdamW at DEMO_RECIPE[kind] (peak LR `lr` when given) with one-cycle LR (`warmup`
-    steps), optional gradient clipping. Returns the training wall time in seconds."""
+    steps), optional gradient clipping. With `budget_s` the run is measured in compute instead:
+    it stops before the step that would start with `clock()` (this process's CPU time by default)
+    `budget_s` past its start, and the LR follows the same one-cycle curve over the fraction of the
+    budget spent (`steps` then only places the warm-up: `warmup / steps` of the budget). Returns
+    (training wall time in seconds, steps taken)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = demo_optimizer(params, kind, lr)
-    sched = one_cycle(opt, steps, warmup)
+    if budget_s is None:
+        sched = one_cycle(opt, steps, warmup)
+    else:
+        peaks, pct = [g["lr"] for g in opt.param_groups], min(0.5, max(2, warmup) / max(steps, 4))
     torch.manual_seed(seed)
     model.train()
-    wall = 0.0
-    for step, idx in enumerate(_batches(n, batch_size, steps, seed), start=1):
+    wall, done, start = 0.0, 0, clock()
+    for step, idx in enumerate(_batches(n, batch_size, steps if budget_s is None else 2 ** 62, seed), start=1):
+        if budget_s is not None:
+            spent = (clock() - start) / budget_s
+            if spent >= 1:
+                break
+            for g, peak in zip(opt.param_groups, peaks):
+                g["lr"] = peak * one_cycle_factor(spent, pct)
         t0 = time.perf_counter()
         loss = loss_of(step, idx)
         opt.zero_grad(set_to_none=True)
@@ -186,11 +211,13 @@ def _train_steps(model: nn.Module, kind: str, loss_of, n: int, batch_size: int, 
         if clip_grad is not None:
             nn.utils.clip_grad_norm_(params, clip_grad)
         opt.step()
-        sched.step()
+        if budget_s is None:
+            sched.step()
         wall += time.perf_counter() - t0
+        done = step
         if log and (step % 50 == 0 or step == steps):
-            log(f"{kind} step {step}/{steps} loss {loss.item():.3f} ({wall:.0f} s)")
-    return wall
+            log(f"{kind} step {step}/{steps if budget_s is None else '~%d' % steps} loss {loss.item():.3f} ({wall:.0f} s)")
+    return wall, done
 
 
 def train_demo_classifier(model: nn.Module, dataset, steps: int, seed: int = 0, batch_size: int | None = None,
@@ -212,7 +239,7 @@ def train_demo_classifier(model: nn.Module, dataset, steps: int, seed: int = 0, 
         y = torch.as_tensor([label for _, label in items])
         return nn.functional.cross_entropy(model(x), y, label_smoothing=r["label_smoothing"])
 
-    return _train_steps(model, "classifier", loss_of, len(dataset), batch_size, steps, max(1, steps // 4), seed, log)
+    return _train_steps(model, "classifier", loss_of, len(dataset), batch_size, steps, max(1, steps // 4), seed, log)[0]
 
 
 IMAGENET_STANDIN_STEPS = 400  # top-1 0.84-0.93 at 400 steps (benchmark, seeds 0-2); 800 give ~0.98 at twice the cost
@@ -272,10 +299,27 @@ def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, ba
     """Train a torchvision detector on `dataset` ((uint8 image, target) items) with the recipe:
     horizontal flips, AdamW, one-cycle LR (peak: the recipe's, or `lr`), gradient clipping.
     Returns the training wall time."""
+    loss_of, batch_size = _detector_loss(model, dataset, batch_size)
+    return _train_steps(model, "detector", loss_of, len(dataset), batch_size, steps, min(warmup_steps, steps // 4),
+                        seed, log, clip_grad=DEMO_RECIPE["detector"]["clip_grad"], lr=lr)[0]
+
+
+def train_demo_detector_on_budget(model: nn.Module, dataset, budget_s: float, planned_steps: int, seed: int = 0,
+                                  clock=time.process_time, warmup_steps: int = 50, log=print) -> int:
+    """`train_demo_detector` for a compute budget (an equal-compute baseline): trains until
+    `clock()` has advanced `budget_s` seconds, the one-cycle LR spread over the budget (the warm-up
+    over min(warmup_steps, planned_steps // 4) / planned_steps of it). Returns the steps taken."""
+    loss_of, batch_size = _detector_loss(model, dataset, None)
+    return _train_steps(model, "detector", loss_of, len(dataset), batch_size, planned_steps,
+                        min(warmup_steps, planned_steps // 4), seed, log, clip_grad=DEMO_RECIPE["detector"]["clip_grad"],
+                        budget_s=budget_s, clock=clock)[1]
+
+
+def _detector_loss(model: nn.Module, dataset, batch_size: int | None):
+    """The recipe's detector loss on a batch of indices (flip augmentation, a clear error on a
+    non-finite loss), and the batch size (the recipe's unless given)."""
     from .data import collate_detection, detection_transforms
 
-    r = DEMO_RECIPE["detector"]
-    batch_size = batch_size or r["batch_size"]
     size = DEMO_RECIPE["scene_size"]
     augment = detection_transforms(True, scales=(size,), max_size=size)
 
@@ -288,8 +332,7 @@ def train_demo_detector(model: nn.Module, dataset, steps: int, seed: int = 0, ba
                                      + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
         return loss
 
-    return _train_steps(model, "detector", loss_of, len(dataset), batch_size, steps, min(warmup_steps, steps // 4),
-                        seed, log, clip_grad=r["clip_grad"], lr=lr)
+    return loss_of, batch_size or DEMO_RECIPE["detector"]["batch_size"]
 
 
 @torch.no_grad()

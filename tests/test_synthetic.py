@@ -208,6 +208,47 @@ def test_one_cycle_runs_at_any_length(total, warmup):
         assert lrs[-1] < 0.5 * max(lrs) and lrs[0] < max(lrs)
 
 
+def test_one_cycle_factor_is_one_cycles_curve():
+    """common.demo.one_cycle_factor (the LR of a run measured in compute) follows the scheduler's
+    curve: 1/25 of the peak at the start, the peak at the end of the warm-up, 1/25,000 at the end."""
+    from common.demo import one_cycle, one_cycle_factor
+
+    total, warmup = 400, 100
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = one_cycle(opt, total, warmup)
+    for step in range(total):
+        assert one_cycle_factor(step / (total - 1), warmup / total) == pytest.approx(
+            opt.param_groups[0]["lr"], abs=0.01)
+        opt.step()
+        sched.step()
+    assert one_cycle_factor(0.0, 0.25) == pytest.approx(0.04) and one_cycle_factor(0.25, 0.25) == 1.0
+    assert one_cycle_factor(1.0, 0.25) == pytest.approx(4e-5) and one_cycle_factor(2.0, 0.25) == pytest.approx(4e-5)
+
+
+def test_training_on_a_compute_budget_stops_at_the_budget(monkeypatch):
+    """common.demo._train_steps with budget_s: the run stops at the step that would start past the
+    budget (here each step costs 1 s of a fake clock: a budget of 7 s is 7 steps, whatever the
+    planned 100), and the LR rises then falls over the budget, not over the planned steps."""
+    import common.demo as cd
+
+    optimizers = []
+    monkeypatch.setattr(cd, "demo_optimizer", lambda *a, **k: optimizers.append(cd.torch.optim.AdamW(
+        a[0], lr=cd.DEMO_RECIPE[a[1]]["lr"])) or optimizers[-1])
+    model, clock, lrs = torch.nn.Linear(2, 1), [0.0], []
+
+    def loss_of(step, idx):
+        clock[0] += 1.0
+        lrs.append(optimizers[0].param_groups[0]["lr"])
+        return model(torch.ones(len(idx), 2)).pow(2).mean()
+
+    wall, steps = cd._train_steps(model, "detector", loss_of, 10, 2, 100, 2, 0, None, budget_s=7.0,
+                                  clock=lambda: clock[0])
+    peak = cd.DEMO_RECIPE["detector"]["lr"]
+    assert steps == 7 and len(lrs) == 7 and clock[0] == 7.0
+    assert lrs[0] == pytest.approx(peak / 25) and max(lrs) > 0.9 * peak and lrs[-1] < 0.2 * peak
+
+
 def test_imagenet_standin_trains_once_and_reads_back(tmp_path):
     """common.demo.imagenet_standin: the demo classifier's weights, written under cache/backbones/
     and read back by a second call (same tensors, cached=True, the first run's wall time); the
