@@ -32,6 +32,7 @@ standin = imagenet_standin(args.seed, args.demo_backbone_steps, cache=args.synth
 args = argparse.Namespace(**{**vars(args), "pretrained": standin["path"], **PIPELINES[a.pipeline],
                              "output_dir": f"{a.out}/{a.pipeline}"})
 r = S.run(args, init_distributed(args.device))
-res = {"seed": a.seed, "pipeline": a.pipeline, "teacher_iters": args.teacher_iters, "student_iters": args.student_iters,
+res = {"seed": a.seed, "pipeline": a.pipeline, "teacher": args.teacher or f"{args.teacher_iters} steps",
+       "student_iters": args.student_iters,
        **{f"{k}_{m}": round(r[k][m], 4) for k in ("teacher", "student") for m in ("AP", "AP50", "AP75", "AP_rare")}}
 print(json.dumps(res))
