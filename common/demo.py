@@ -188,6 +188,9 @@ def _train_steps(model: nn.Module, kind: str, loss_of, n: int, batch_size: int, 
     `budget_s` past its start, and the LR follows the same one-cycle curve over the fraction of the
     budget spent (`steps` then only places the warm-up: `warmup / steps` of the budget). Returns
     (training wall time in seconds, steps taken)."""
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s}: an equal-compute "
+                         f"baseline needs the compute the compared run measured")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = demo_optimizer(params, kind, lr)
     if budget_s is None:

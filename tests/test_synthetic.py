@@ -246,6 +246,8 @@ def test_training_on_a_compute_budget_stops_at_the_budget(monkeypatch):
     peak = cd.DEMO_RECIPE["detector"]["lr"]
     assert steps == 7 and len(lrs) == 7 and clock[0] == 7.0
     assert lrs[0] == pytest.approx(peak / 25) and max(lrs) > 0.9 * peak and lrs[-1] < 0.2 * peak
+    with pytest.raises(ValueError, match="budget_s must be a positive"):  # no silent zero-step baseline
+        cd._train_steps(model, "detector", loss_of, 10, 2, 100, 2, 0, None, budget_s=0.0)
 
 
 def test_imagenet_standin_trains_once_and_reads_back(tmp_path):
